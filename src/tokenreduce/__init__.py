@@ -1,0 +1,32 @@
+"""tokenreduce: token reduction for pre-trained Vision Transformers under one API.
+
+>>> import timm, tokenreduce as tr
+>>> model = timm.create_model("deit_small_patch16_224")
+>>> tr.patch(model, "tome", r=13) is model
+True
+>>> round(tr.flops(model).gmacs, 2)
+2.7
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .api import describe, flops, method_of, methods, patch, patched, schedule_for_flops, trace, unpatch
+from .core.state import TokenState
+from .methods.base import Method, Plan, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Method",
+    "Plan",
+    "TokenState",
+    "describe",
+    "flops",
+    "method_of",
+    "methods",
+    "patch",
+    "patched",
+    "register",
+    "schedule_for_flops",
+    "trace",
+    "unpatch",
+]

@@ -1,0 +1,203 @@
+"""The public API: patch, unpatch, patched, methods, describe, flops, schedule_for_flops, trace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import timm_vit
+from .core.state import TokenState
+from .measure.flops import FlopsReport, analytic_flops
+from .methods.base import Method, create_method, method_names
+
+
+@dataclass
+class _Patch:
+    method: Method
+    original_class: type
+
+
+def methods() -> list[str]:
+    """Names of the registered token-reduction methods.
+
+    >>> "tome" in methods()
+    True
+    """
+    return method_names()
+
+
+def _current(model: nn.Module) -> _Patch | None:
+    return model.__dict__.get("_tokenreduce")
+
+
+def _as_method(method: str | Method, options: dict[str, Any]) -> Method:
+    if isinstance(method, Method):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with a ready Method instance {method!r}")
+        return method
+    return create_method(method, **options)
+
+
+def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
+    """Patch ``model`` in place with a token-reduction method; returns the model.
+
+    Patching an already patched model replaces its method. Every check runs before anything changes, so a
+    bad method, option or schedule leaves the model exactly as it was.
+
+    >>> import timm, tokenreduce as tr
+    >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224"), "tome", r=13)
+    >>> tr.describe(model)["tokens_out"][-1]
+    41
+    """
+    timm_vit.check_supported(model)
+    resolved = _as_method(method, options)
+    info = timm_vit.model_info(model)
+    resolved.plan(info.num_tokens, info.num_prefix, info.depth)  # raises on impossible schedules
+    current = _current(model)
+    original = current.original_class if current is not None else type(model)
+    model.__class__ = timm_vit.patched_class(original)
+    model._tokenreduce = _Patch(resolved, original)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original class; its outputs are then exactly the unpatched ones."""
+    current = _current(model)
+    if current is not None:
+        model.__class__ = current.original_class
+        del model._tokenreduce
+    return model
+
+
+@contextmanager
+def patched(model: nn.Module, method: str | Method, **options: Any) -> Iterator[nn.Module]:
+    """Patch for the duration of a ``with`` block, then restore whatever was there before.
+
+    >>> import timm, tokenreduce as tr
+    >>> model = timm.create_model("deit_tiny_patch16_224")
+    >>> with tr.patched(model, "evit", keep_rate=0.7):
+    ...     tr.describe(model)["method"]
+    'evit'
+    >>> tr.describe(model)["method"] is None
+    True
+    """
+    previous = _current(model)
+    patch(model, method, **options)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+        if previous is not None:
+            patch(model, previous.method)
+
+
+def method_of(model: nn.Module) -> Method | None:
+    """The method patched into ``model``, or None."""
+    current = _current(model)
+    return None if current is None else current.method
+
+
+def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """The method, its options, the resolved per-block schedule and the token counts per block.
+
+    ``tokens_in[i]`` enter block i; its MLP runs on ``tokens_out[i]``. ``notes`` says where the method's own
+    definition clamped the schedule; ``last_forward`` holds diagnostics of the latest forward pass (e.g.
+    PPT's share of images that pooled per block).
+    """
+    timm_vit.check_supported(model)
+    info = timm_vit.model_info(model, img_size)
+    method = method_of(model)
+    report = analytic_flops(info, method)
+    out = {
+        "method": None if method is None else method.name,
+        "options": {} if method is None else dict(method.options),
+        "num_prefix": info.num_prefix,
+        "grid": list(info.grid),
+        "schedule": [0] * info.depth,
+        "tokens_in": [b.tokens_in for b in report.blocks],
+        "tokens_out": [b.tokens_out for b in report.blocks],
+        "notes": list(report.notes),
+        "last_forward": {},
+    }
+    if method is not None:
+        plan = method.plan(info.num_tokens, info.num_prefix, info.depth)
+        out["schedule"] = list(plan.amounts)
+        out["last_forward"] = dict(method.last_forward)
+        out.update({k: v for k, v in method.describe().items() if k not in out})
+    return out
+
+
+def flops(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
+    """Analytic cost (GMACs) of one image through ``model`` as patched now (unreduced if not patched).
+
+    >>> import timm, tokenreduce as tr
+    >>> round(tr.flops(timm.create_model("deit_small_patch16_224")).gmacs, 2)
+    4.6
+    """
+    own = getattr(model, "tokenreduce_flops", None)
+    if callable(own):  # models built by tokenreduce itself (STViT) count their own cost
+        return own(img_size)
+    timm_vit.check_supported(model)
+    return analytic_flops(timm_vit.model_info(model, img_size), method_of(model))
+
+
+def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
+                       img_size: int | tuple[int, int] | None = None, **options: Any) -> dict[str, Any]:
+    """The smallest reduction of ``method`` whose total cost (overhead included) reaches ``target_gmacs``.
+
+    Searches the method's main knob (``r`` for merge/propagation methods, ``keep_rate`` for pruning),
+    keeping the other ``options`` fixed, and returns the keyword arguments for ``patch``.
+
+    >>> import timm, tokenreduce as tr
+    >>> tr.schedule_for_flops(timm.create_model("deit_small_patch16_224"), "tome", 2.71)
+    {'r': 13}
+    """
+    timm_vit.check_supported(model)
+    if not isinstance(target_gmacs, int | float) or not math.isfinite(target_gmacs) or target_gmacs <= 0:
+        raise ValueError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
+    info = timm_vit.model_info(model, img_size)
+    knob = create_method(method, **options).search_knob
+    fixed = {k: v for k, v in options.items() if k not in ("r", "keep_rate")}
+
+    def cost(value: Any) -> float:
+        try:
+            return analytic_flops(info, create_method(method, **{**fixed, knob: value})).total_gmacs
+        except ValueError:
+            return math.inf  # a schedule this model cannot run
+
+    if knob == "keep_rate":
+        if cost(1.0) <= target_gmacs:
+            return {**fixed, knob: 1.0}
+        # Cost grows with keep_rate: bisect for the largest keep_rate under the target.
+        low, high = 1e-4, 1.0
+        if cost(low) > target_gmacs:
+            raise ValueError(f"{method} cannot reach {target_gmacs} GMACs on this model "
+                             f"(lowest {cost(low):.3f} at keep_rate={low})")
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if cost(mid) <= target_gmacs else (low, mid)
+        return {**fixed, knob: low}
+    # r is a small integer and the analytic cost takes microseconds: scan it.
+    for r in range(info.num_tokens):
+        if cost(r) <= target_gmacs:
+            return {**fixed, knob: r}
+    raise ValueError(f"{method} cannot reach {target_gmacs} GMACs on this model "
+                     f"(unreduced {cost(0):.3f}); try a larger target")
+
+
+def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True) -> list[TokenState]:
+    """Run ``model`` as patched now and return the token state after every block (for pictures).
+
+    Each state has ``owner`` (which token holds every input patch) when ``track_owner`` is on.
+    """
+    timm_vit.check_supported(model)
+    states: list[TokenState] = []
+    timm_vit.forward_tokens(model, images, method_of(model), track_owner=track_owner,
+                            on_block=lambda i, s: states.append(s))
+    return states

@@ -1,0 +1,1 @@
+"""Subcommands of the ``tokenreduce`` command line (see ``tokenreduce.cli``)."""

@@ -1,0 +1,50 @@
+"""The token state that travels explicitly from block to block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class TokenState:
+    """Everything a patched model carries between blocks, per image.
+
+    Attributes:
+        x: features, ``B x N x C``.
+        size: how many input patches each token stands for, ``B x N x 1``; ``None`` means all ones
+            (nothing merged yet), which lets the unreduced path skip the size bias entirely.
+        owner: for every input patch, the index of the token that now carries it (-1 once dropped),
+            ``B x n0`` long; ``None`` unless tracking was asked for.
+        num_prefix: leading tokens (CLS, distillation, registers) that are never removed or merged.
+        grid: the (h, w) patch grid of the input image.
+        extras: per-forward scratch a method may keep (e.g. GTP's graph), never stored on a module.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+    num_prefix: int = 1
+    grid: tuple[int, int] = (0, 0)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    def replace(self, **changes) -> TokenState:
+        return replace(self, **changes)
+
+    def sizes(self) -> torch.Tensor:
+        """The sizes, materialised as ones when none are tracked yet."""
+        if self.size is not None:
+            return self.size
+        # float32 so that merged sizes stay exact integers under bfloat16 / float16 features.
+        return torch.ones(self.x.shape[0], self.x.shape[1], 1, device=self.x.device)
+
+    def size_bias(self) -> torch.Tensor | None:
+        """log(size) per key, ``B x 1 x 1 x N``, to add to attention logits (None when all sizes are 1)."""
+        if self.size is None:
+            return None
+        return self.size.log().transpose(1, 2).unsqueeze(1)

@@ -1,0 +1,61 @@
+"""EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022): keep the attentive tokens and
+fuse the inattentive ones into one token, their average weighted by the CLS attention."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.ops import gather_tokens, keep_tokens
+from ..core.state import TokenState
+from .base import register
+from .topk import DEFAULT_LAYERS, TopK, cls_scores, top_image_tokens
+
+
+@register
+class EViT(TopK):
+    """Top-K pruning whose dropped tokens are fused into one new token appended after the kept ones.
+
+    Args:
+        keep_rate: fraction of image tokens kept at each reducing block, in (0, 1]. Default 0.7.
+        r: instead of keep_rate, the number of image tokens dropped per block.
+        layers: reducing blocks (default (3, 6, 9), the DeiT setting).
+        prop_attn: add log(size) to the logits; the fused token's size is the sum of what it holds.
+
+    A block drops ``d`` tokens and adds one, so it shrinks the sequence by ``d - 1``; it must drop at least
+    two tokens to shrink it at all.
+    """
+
+    name = "evit"
+
+    def __init__(self, keep_rate: float | None = None, r=None, layers=DEFAULT_LAYERS,
+                 prop_attn: bool = False) -> None:
+        super().__init__(keep_rate=keep_rate, r=r, layers=layers, prop_attn=prop_attn)
+
+    def step(self, block: int, num_tokens: int, num_prefix: int, amount: int) -> tuple[int, int, str]:
+        drop = self.dropped(block, num_tokens, num_prefix, amount)
+        return drop, (num_tokens - drop + 1 if drop else num_tokens), ""
+
+    def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
+        num_prefix, batch = state.num_prefix, state.x.shape[0]
+        scores = cls_scores(stats, num_prefix)
+        keep, drop = top_image_tokens(scores, scores.shape[1] - amount)
+        drop_idx = drop + num_prefix
+        weight = scores.gather(1, drop).unsqueeze(-1)
+        weight = weight / weight.sum(dim=1, keepdim=True)
+        fused_x = (gather_tokens(state.x, drop_idx) * weight.to(state.x.dtype)).sum(dim=1, keepdim=True)
+        fused_size = gather_tokens(state.sizes(), drop_idx).sum(dim=1, keepdim=True)
+
+        kept = keep_tokens(state.replace(size=state.sizes()), keep + num_prefix)
+        fused_pos = kept.x.shape[1]
+        owner = kept.owner
+        if owner is not None:
+            # Patches held by dropped tokens now live in the fused token.
+            dropped_now = torch.zeros(batch, state.x.shape[1], dtype=torch.bool, device=state.x.device)
+            dropped_now.scatter_(1, drop_idx, True)
+            was_dropped = dropped_now.gather(1, state.owner.clamp(min=0)) & (state.owner >= 0)
+            owner = torch.where(was_dropped, torch.full_like(owner, fused_pos), owner)
+        return kept.replace(
+            x=torch.cat([kept.x, fused_x], dim=1),
+            size=torch.cat([kept.size, fused_size], dim=1),
+            owner=owner,
+        )
