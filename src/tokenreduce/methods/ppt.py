@@ -1,0 +1,168 @@
+"""PPT: adaptive token Pruning and Pooling (Wu et al., "PPT: Token Pruning and Pooling for Efficient Vision
+Transformers", arXiv 2310.01812).
+
+Written from ``specs/ppt.md``. At each reducing block every image removes exactly ``r`` tokens, either by
+pruning its least important ones (when its importance scores are peaked) or by ToMe's bipartite pooling
+(when they are flat). No new parameters; works off the shelf.
+
+>>> import timm, tokenreduce as tr
+>>> model = timm.create_model("deit_small_patch16_224", pretrained=False)
+>>> tr.describe(tr.patch(model, "ppt", r=50, layers=(3, 6, 9)))["tokens_out"][9]
+49
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..core.ops import bipartite_merge, keep_tokens, max_bipartite_r
+from ..core.state import TokenState
+from .base import Method, Plan, check_layers, register, resolve_r, validate_r
+
+DEFAULT_LAYERS = (3, 6, 9)
+#: The authors' off-the-shelf DeiT threshold on the variance of the normalised scores (6e-5 fine-tuned).
+DEFAULT_THRESHOLD = 7e-5
+
+
+def importance_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.Tensor:
+    """ATS-style importance of every image token, normalised to sum to 1 per image, ``B x M`` (float32).
+
+    ``a_j = (sum over heads of the CLS attention to j) * ||v_j||``, ``s_j = a_j / sum_i a_i``. Computed in
+    float32 so that the variance test means the same under bfloat16 / float16 features.
+    """
+    cls_attn = stats["cls_attn"][:, :, num_prefix:].float().sum(dim=1)
+    weighted = cls_attn * stats["value_norm"][:, num_prefix:].float()
+    return weighted / weighted.sum(dim=-1, keepdim=True)
+
+
+@register
+class PPT(Method):
+    """Per image and per reducing block, prune (peaked importance) or pool (flat importance) ``r`` tokens.
+
+    Args:
+        r: tokens removed per reducing block: an int (at every block of ``layers``), a per-block list or a
+            dict ``{block: r}`` (a per-block ``r`` names its blocks itself and ``layers`` is then unused).
+            Default 50 (the DeiT-S setting, 4.6 -> 2.9 GMACs).
+        layers: the reducing blocks, 0-based. Default (3, 6, 9), the DeiT setting.
+        threshold: variance threshold of the normalised importance scores. Default 7e-5 (the authors'
+            off-the-shelf DeiT value; 6e-5 after fine-tuning). 0 always prunes, ``math.inf`` always pools.
+        prop_attn: add log(size) to the key logits of every attention once sizes exist. Default True.
+            Sizes are tracked (and merges size-weighted) either way.
+
+    At a reducing block, from that block's attention (post-softmax, after the size bias), each image token j
+    gets ``s_j = a_j / sum_i a_i`` with ``a_j = (sum over heads of the CLS attention to j) * ||v_j||`` (for a
+    model without a CLS token, the attention averaged over all queries stands in for the CLS row). If the
+    unbiased variance of an image's ``s`` is at least ``threshold`` the image PRUNES: it keeps its
+    ``M - r`` highest-scoring image tokens (M image tokens entering), stored in descending score order after
+    the prefix tokens, with their sizes. Otherwise it POOLS with ToMe's bipartite soft matching
+    (``core.ops.bipartite_merge``). Both remove exactly ``r`` tokens, so the cost does not depend on the
+    policy; a mixed batch computes both and selects per image, without host syncs. Prefix tokens (CLS,
+    distillation, registers) are never removed or merged.
+
+    ``r`` is clamped to ``floor((N - num_prefix) / 2)`` at a block entered by N tokens (the most one
+    bipartite merge can remove; the paper's ``floor((N - 1) / 2)`` with the CLS token as the only prefix),
+    so DeiT-S at r=50 goes 197 -> 147 -> 97 -> 49; ``describe`` notes the clamp.
+
+    How the threshold scales: the scores of M image tokens average 1/M, so a variance threshold t is a
+    threshold on the coefficient of variation ``std(s) / mean(s) >= sqrt(t) * M`` (M = N - 1 with CLS only).
+    The same t therefore asks for a more peaked image at a block with more tokens: at 7e-5, DeiT-S needs a
+    coefficient of variation of 1.64 at block 3 (196 image tokens) but 0.80 at block 9 (96). Re-tune the
+    threshold whenever r, the layers or the input resolution change.
+
+    Diagnostics: after a forward pass ``last_forward`` (and ``tr.describe(model)["last_forward"]``) holds
+    ``{"pooled_share": {block: share of the batch's images that pooled}}``.
+
+    >>> import timm, torch, tokenreduce as tr
+    >>> model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=4, img_size=64).eval()
+    >>> _ = tr.patch(model, "ppt", r=4, layers=(1, 3), threshold=0.0)(torch.randn(2, 3, 64, 64))
+    >>> tr.describe(model)["last_forward"]
+    {'pooled_share': {1: 0.0, 3: 0.0}}
+    """
+
+    name = "ppt"
+    clamps = True
+
+    def __init__(self, r: Any = 50, layers: Any = DEFAULT_LAYERS, threshold: float = DEFAULT_THRESHOLD,
+                 prop_attn: bool = True) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold) \
+                or threshold < 0:
+            raise ValueError(f"{self.name}: threshold must be a non-negative number, got {threshold!r}")
+        self._pooled_share: dict[int, torch.Tensor] = {}
+        super().__init__(r=r, layers=layers, threshold=threshold, prop_attn=prop_attn)
+        self.r, self.layers, self.threshold = r, layers, float(threshold)
+        self.use_prop_attn = bool(prop_attn)
+        validate_r(self.name, r)
+
+    # --- diagnostics: tensors during the forward pass, floats when read --------------------------
+    @property
+    def last_forward(self) -> dict[str, Any]:
+        """``{"pooled_share": {block: float}}`` of the latest forward pass (empty before the first)."""
+        if not self._pooled_share:
+            return {}
+        return {"pooled_share": {block: float(share) for block, share in self._pooled_share.items()}}
+
+    @last_forward.setter
+    def last_forward(self, value: dict[str, Any]) -> None:
+        # The base class initialises it to {}; the diagnostics themselves live in ``_pooled_share``.
+        self._pooled_share = dict(value.get("pooled_share", {}))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **self.last_forward}
+
+    # --- schedule ---------------------------------------------------------------------------------
+    def amounts(self, depth: int) -> list[int]:
+        return resolve_r(self.name, self.r, depth, check_layers(self.name, self.layers, depth))
+
+    def step(self, block: int, num_tokens: int, num_prefix: int, amount: int) -> tuple[int, int, str]:
+        limit = max_bipartite_r(num_tokens, num_prefix)
+        used = min(amount, limit)
+        note = (f"block {block}: r={amount} clamped to {used} = floor(({num_tokens} tokens - {num_prefix} "
+                f"prefix) / 2)") if used < amount else ""
+        return used, num_tokens - used, note
+
+    # --- forward ----------------------------------------------------------------------------------
+    def needs(self, block: int, plan: Plan) -> frozenset[str]:
+        return frozenset({"cls_attn", "value_norm", "metric"}) if plan.reduces(block) else frozenset()
+
+    def prop_attn(self, block: int) -> bool:
+        # No bias is added while sizes are None, i.e. before the first reducing block.
+        return self.use_prop_attn
+
+    def begin(self, state: TokenState, plan: Plan) -> TokenState:
+        self._pooled_share = {}
+        return state
+
+    def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
+        num_prefix = state.num_prefix
+        # Sizes start at 1 here; both branches must carry a real size tensor to be selected per image.
+        state = state.replace(size=state.sizes())
+        scores = importance_scores(stats, num_prefix)
+        pool = scores.var(dim=-1) < self.threshold  # B
+        self._pooled_share[block] = pool.float().mean().detach()
+
+        keep = scores.shape[1] - amount
+        order = scores.argsort(dim=-1, descending=True, stable=True)[:, :keep]
+        pruned = keep_tokens(state, order + num_prefix)
+        pooled = bipartite_merge(state, stats["metric"], amount)
+
+        pool_x = pool.view(-1, 1, 1)
+        owner = None
+        if state.owner is not None:
+            owner = torch.where(pool.view(-1, 1), pooled.owner, pruned.owner)
+        return state.replace(
+            x=torch.where(pool_x, pooled.x, pruned.x),
+            size=torch.where(pool_x, pooled.size, pruned.size),
+            owner=owner,
+        )
+
+    # --- cost -------------------------------------------------------------------------------------
+    def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
+        # The CLS row q_cls . K^T (N * D) and the bipartite similarity (ceil(N/2) * floor(N/2) * head_dim).
+        head_dim = dim // heads
+        return float(sum(
+            n * dim + ((n + 1) // 2) * (n // 2) * head_dim
+            for n, amount in zip(plan.tokens_in, plan.amounts, strict=True) if amount
+        ))
