@@ -1,0 +1,435 @@
+"""Fine-tuning on an ImageFolder tree: one process, or many under ``torchrun`` (DistributedDataParallel).
+
+AdamW, cosine schedule with linear warm-up (timm's ``CosineLRScheduler``, stepped per update), label
+smoothing, optional Mixup/CutMix (timm ``Mixup``) and RandAugment (timm ``create_transform``), optional
+freezing of the embedding and the first n blocks, optional EMA (timm ``ModelEmaV3``), bfloat16 autocast,
+tqdm progress bars, an atomic checkpoint (temp file + ``os.replace``) after every epoch, resume.
+
+Reproducibility: every epoch reseeds torch/numpy/random from ``seed``, the epoch and the rank, and the data
+order comes from a ``DistributedSampler`` (one replica when not distributed) with ``set_epoch``. So a run
+resumed from an epoch checkpoint ends where an uninterrupted run ends, and N processes with per-process
+batch b follow one process with batch N*b (same global batches, gradients averaged by DDP).
+
+>>> from tokenreduce.train import TrainConfig, train          # doctest: +SKIP
+>>> result = train(model, TrainConfig(data="cifar10/train", out="runs/a", epochs=3, freeze_blocks=4))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in the checkpoint and the results JSON.
+
+    ``batch_size`` is per process (the global batch is ``batch_size * world_size``). ``freeze_blocks``
+    freezes the patch/position embedding, prefix tokens and the first n blocks. ``max_steps`` stops the run
+    after that many optimizer steps in total without writing a checkpoint for the unfinished epoch (a
+    stand-in for a killed job, used by the tests). ``subset`` trains on a fixed random subset of that many
+    images. ``transform``: "model" (timm's data config of the model, with RandAugment when ``randaug``) or
+    "resize224" (the benchmark classifier's: resize to 224 bicubic, ImageNet mean/std, random flip when
+    training). ``checkpoint_dir`` defaults to ``out``.
+    """
+
+    data: str
+    out: str
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    randaug: str | None = None  # e.g. "rand-m9-mstd0.5-inc1"
+    freeze_blocks: int = 0
+    ema_decay: float | None = None
+    bf16: bool = False
+    transform: str = "model"
+    hflip: float = 0.5
+    subset: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    max_steps: int | None = None
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+    val_data: str | None = None
+    val_per_class: int | None = None
+    grad_clip: float | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun (gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Callable:
+    if config.transform == "resize224":
+        steps = [transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC)]
+        if training and config.hflip > 0:
+            steps.append(transforms.RandomHorizontalFlip(config.hflip))
+        if training and config.randaug:
+            from timm.data.auto_augment import rand_augment_transform
+            steps.append(rand_augment_transform(config.randaug, {}))
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return transforms.Compose(steps)
+    if config.transform != "model":
+        raise ValueError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize224')")
+    data_config = resolve_data_config({}, model=unwrap(_host_vit(model)))
+    if not training:
+        return create_transform(**data_config, is_training=False)
+    return create_transform(**data_config, is_training=True, auto_augment=config.randaug, hflip=config.hflip)
+
+
+def _host_vit(model: nn.Module) -> nn.Module:
+    return getattr(unwrap(model), "vit", unwrap(model))
+
+
+def per_class_subset(dataset: datasets.ImageFolder, per_class: int) -> Subset:
+    """The first ``per_class`` images of each class, in sorted file-name order (ImageFolder sorts)."""
+    taken: dict[int, int] = {}
+    keep = []
+    for i, (_, label) in enumerate(dataset.samples):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return Subset(dataset, keep)
+
+
+def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data directory {root!r} does not exist")
+    return datasets.ImageFolder(root, transform=transform)
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict (``.safetensors``, or ``.pth``/``.pt`` through ``torch.load(weights_only=True)``,
+    also a training checkpoint's ``"model"`` entry) into ``model``; a file that cannot be read or does not
+    match raises ValueError naming the missing/unexpected keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any reader failure means the file is unusable)
+        raise ValueError(f"cannot read checkpoint {str(path)!r} (corrupt or not a state dict): {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    target = unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"{label}: {show(keys)}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong_shape))
+                 if keys]
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model; " + "; ".join(parts))
+    target.load_state_dict(state)
+    return model
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot resume from {str(path)!r} (corrupt or not a checkpoint): {err}") from err
+    needed = {"model", "optimizer", "scheduler", "epoch", "step"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{str(path)!r} is not a training checkpoint (needs {sorted(needed)}, has {have})")
+    return state
+
+
+# -------------------------------------------------------------------------------------------- freezing
+
+
+def freeze_first_blocks(model: nn.Module, count: int) -> list[str]:
+    """Freeze the embedding (patch, position, prefix tokens) and the first ``count`` blocks of a timm ViT or
+    an STViT model (whose full blocks come first); returns the frozen parameter names."""
+    host = _host_vit(model)
+    if not hasattr(host, "blocks") or not hasattr(host, "patch_embed"):
+        raise TypeError(f"cannot freeze blocks of a {type(host).__name__}: it has no .blocks/.patch_embed")
+    blocks = list(host.blocks)
+    if hasattr(unwrap(model), "semantic_blocks"):
+        stvit = unwrap(model)
+        blocks = blocks + list(stvit.generation) + list(stvit.semantic_blocks)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(blocks):
+        raise ValueError(f"freeze_blocks={count!r} must be between 0 and the depth {len(blocks)}")
+    if count == 0:
+        return []
+    frozen = [host.patch_embed, *blocks[:count]]
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    out = []
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            out.append(names.get(id(p), "?"))
+    for attr in ("cls_token", "reg_token", "pos_embed", "dist_token"):
+        p = getattr(host, attr, None)
+        if isinstance(p, nn.Parameter):
+            p.requires_grad_(False)
+            out.append(names.get(id(p), attr))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: str, per_class: int | None = None, batch_size: int = 64,
+             transform: Callable | str = "model", progress: bool = True, bf16: bool = False) -> dict:
+    """Top-1 of ``model`` on an ImageFolder tree (optionally the first ``per_class`` images of each class)."""
+    if isinstance(transform, str):
+        transform = _data_transform(model, TrainConfig(data=data, out="", transform=transform), training=False)
+    dataset = _image_folder(data, transform)
+    if per_class is not None:
+        dataset = per_class_subset(dataset, per_class)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = seen = 0
+    predictions = []
+    start = time.perf_counter()
+    for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images.to(device))
+        pred = logits.argmax(dim=-1).cpu()
+        predictions.append(pred)
+        correct += int((pred == labels).sum())
+        seen += len(labels)
+    model.train(was_training)
+    return {"top1": 100.0 * correct / seen, "images": seen, "seconds": time.perf_counter() - start,
+            "predictions": torch.cat(predictions).tolist()}
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    value = seed + 1000 * epoch + 17 * rank
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Fine-tune ``model`` (an STViT model, a ``tr.patch``-ed or a plain timm model) as ``config`` says.
+
+    Returns (and rank 0 writes to ``<out>/results.json``) the run's summary: losses per epoch, steps, images
+    seen, wall time, validation top-1 when ``val_data`` is given. ``on_step(step, loss)`` is called on every
+    rank after each optimizer step.
+    """
+    rank, world, device = _distributed()
+    is_main = rank == 0
+    out = Path(config.out)
+    ckpt_dir = Path(config.checkpoint_dir or config.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    model.to(device)
+    frozen = freeze_first_blocks(model, config.freeze_blocks) if config.freeze_blocks else []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: every parameter is frozen")
+
+    dataset = _image_folder(config.data, _data_transform(model, config, training=True))
+    if config.subset is not None and config.subset < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
+        dataset = Subset(dataset, sorted(order[:config.subset].tolist()))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images give no full batch of {config.batch_size} x {world} processes")
+    total_steps = steps_per_epoch * config.epochs
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(("token", "pos_embed", "global_centres")) else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=config.lr * 1e-3, warmup_prefix=True,
+                                  t_in_epochs=False)
+
+    mixup = None
+    if config.mixup > 0 or config.cutmix > 0:
+        num_classes = unwrap(model).num_classes
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    start_epoch, step = 0, 0
+    history: list[dict] = []
+    if config.resume:
+        state = _read_checkpoint(config.resume)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        history = list(state.get("history", []))
+    ema = ModelEmaV3(unwrap(model), decay=config.ema_decay) if config.ema_decay else None
+    if ema is not None and config.resume and state.get("ema") is not None:
+        ema.module.load_state_dict(state["ema"])
+
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    begin = time.perf_counter()
+    stopped = False
+    for epoch in range(start_epoch, config.epochs):
+        _seed_epoch(config.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        net.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (is_main and config.progress),
+                   dynamic_ncols=True, mininterval=5.0)
+        for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                logits = net(images)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(unwrap(model), step=step)
+            loss_value = float(loss.detach())  # once per step, outside the forward pass
+            loss_sum += loss_value
+            count += 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if on_step is not None:
+                on_step(step, loss_value)
+            if config.max_steps is not None and step >= config.max_steps:
+                stopped = True
+                break
+        if stopped:
+            break
+        mean_loss = float(loss_sum) / max(count, 1)
+        if world > 1:
+            reduced = torch.tensor([mean_loss], dtype=torch.float64)
+            dist.all_reduce(reduced)
+            mean_loss = float(reduced) / world
+        history.append({"epoch": epoch + 1, "step": step, "loss": mean_loss,
+                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - begin})
+        if is_main:
+            print(f"epoch {epoch + 1}/{config.epochs}: mean loss {mean_loss:.4f}, step {step}", flush=True)
+            _atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                          "ema": None if ema is None else ema.module.state_dict(), "history": history,
+                          "config": asdict(config)}, ckpt_dir / "last.pth")
+        if world > 1:
+            dist.barrier()
+
+    result = {
+        "config": asdict(config),
+        "world_size": world,
+        "global_batch": config.batch_size * world,
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs_completed": len(history),
+        "images_seen": step * config.batch_size * world,
+        "train_images": len(dataset),
+        "history": history,
+        "wall_seconds": time.perf_counter() - begin,
+        "stopped_early": stopped,
+        "frozen_parameters": len(frozen),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "checkpoint": str(ckpt_dir / "last.pth"),
+    }
+    if config.val_data and is_main and not stopped:
+        final = ema.module if ema is not None else unwrap(model)
+        result["val"] = evaluate(final, config.val_data, config.val_per_class, config.batch_size,
+                                 _data_transform(model, config, training=False), config.progress, config.bf16)
+        result["val"].pop("predictions")
+    if is_main:
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def lr_for_batch(base_lr: float, global_batch: int, reference: int = 512) -> float:
+    """The paper's linear scaling: ``base_lr * global_batch / reference``."""
+    return base_lr * global_batch / reference
+
