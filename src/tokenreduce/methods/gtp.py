@@ -1,0 +1,318 @@
+"""GTP: graph-based token propagation (Xu et al., "GTP-ViT: Efficient Vision Transformers via Graph-based
+Token Propagation", WACV 2024). Training-free.
+
+Written from ``specs/gtp.md``. Once per forward, a graph is built over the image tokens (spatial
+8-neighbourhood, semantic kNN, or both) and normalised as ``G_ij = A_ij / sqrt(d_i d_j)``. In every
+reducing block the ``r`` image tokens with the lowest attention score are removed and their features
+propagated into their kept neighbours: ``x[K] += alpha * G[K, R] @ x[R]``; the graph then shrinks to
+``G[K, K]`` (never rebuilt or renormalised).
+
+>>> import timm, tokenreduce as tr
+>>> model = timm.create_model("deit_small_patch16_224", pretrained=False)
+>>> tr.describe(tr.patch(model, "gtp", r=8))["tokens_in"][:3]
+[197, 189, 181]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.ops import gather_tokens, remap_owner
+from ..core.state import TokenState
+from .base import Method, Plan, register, resolve_r, validate_r
+
+GRAPHS = ("spatial", "semantic", "mixed")
+SELECTIONS = ("mixed_attn_max", "mixed_attn_mean", "cls_attn", "col_sum", "diag", "random")
+#: Selections that read the full post-softmax attention map.
+_FULL_MAP_SELECTIONS = frozenset({"mixed_attn_max", "mixed_attn_mean", "col_sum", "diag"})
+GRAPH_KEY = "gtp_graph"
+
+# The spatial graph depends only on the grid: one (adjacency, normalised graph) per (grid, device).
+_SPATIAL_CACHE: dict[tuple[tuple[int, int], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean ``n0 x n0`` adjacency of the 8-neighbourhood on an ``h x w`` grid (raster order, no self loops).
+
+    Cached per (grid, device); do not modify the returned tensor.
+
+    >>> spatial_adjacency((2, 2)).sum(dim=1).tolist()
+    [3, 3, 3, 3]
+    """
+    return _spatial(grid, torch.device(device))[0]
+
+
+def spatial_graph(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalised spatial graph ``G = A / sqrt(d_i d_j)``, ``n0 x n0`` float32 (cached, read-only)."""
+    return _spatial(grid, torch.device(device))[1]
+
+
+def _spatial(grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (tuple(int(g) for g in grid), device)
+    if key not in _SPATIAL_CACHE:
+        h, w = key[0]
+        rows = torch.arange(h, device=device).repeat_interleave(w)
+        cols = torch.arange(w, device=device).repeat(h)
+        chebyshev = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())
+        adjacency = chebyshev == 1
+        _SPATIAL_CACHE[key] = (adjacency, normalise_graph(adjacency))
+    return _SPATIAL_CACHE[key]
+
+
+def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Directed kNN graph on cosine similarity: ``tokens`` is ``B x n0 x D``; returns a boolean
+    ``B x n0 x n0`` whose row i marks i's ``k`` most similar other tokens (exactly ``k``, self excluded).
+
+    The graph is discrete, so no gradient flows through it.
+    """
+    n0 = tokens.shape[1]
+    if not 1 <= k < n0:
+        raise ValueError(f"gtp: the semantic graph needs 1 <= k < {n0} image tokens, got k={k}")
+    with torch.no_grad():
+        unit = F.normalize(tokens.detach().float(), dim=-1)
+        similarity = unit @ unit.transpose(1, 2)
+        similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        neighbours = similarity.topk(k, dim=-1).indices
+        adjacency = torch.zeros(similarity.shape, dtype=torch.bool, device=tokens.device)
+        return adjacency.scatter_(2, neighbours, True)
+
+
+def normalise_graph(adjacency: torch.Tensor) -> torch.Tensor:
+    """``G_ij = A_ij / sqrt(d_i d_j)`` with the row degrees ``d_i = sum_j A_ij``, element-wise, float32.
+
+    A token without neighbours (a 1 x 1 grid) keeps an all-zero row instead of dividing by zero.
+
+    >>> normalise_graph(torch.tensor([[0, 1, 1], [1, 0, 0], [1, 0, 0]])).tolist()[0][1]  # 1 / sqrt(2 * 1)
+    0.7071067690849304
+    """
+    a = adjacency.float()
+    inv_sqrt_degree = a.sum(dim=-1).clamp(min=1).rsqrt()
+    return a * inv_sqrt_degree.unsqueeze(-1) * inv_sqrt_degree.unsqueeze(-2)
+
+
+def build_graph(tokens: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
+    """The normalised graph over the image tokens ``B x n0 x D`` on ``grid``: ``B x n0 x n0`` float32.
+
+    ``kind`` is "spatial" (8-neighbourhood), "semantic" (directed cosine kNN with ``k`` neighbours) or
+    "mixed" (their union). The spatial graph is an expanded view of a cached tensor (no copy per image).
+    """
+    batch, n0 = tokens.shape[:2]
+    if grid[0] * grid[1] != n0:
+        raise ValueError(f"gtp: grid {tuple(grid)} has {grid[0] * grid[1]} cells but there are {n0} image tokens")
+    if kind == "spatial":
+        return spatial_graph(grid, tokens.device).expand(batch, -1, -1)
+    adjacency = semantic_adjacency(tokens, k)
+    if kind == "mixed":
+        adjacency |= spatial_adjacency(grid, tokens.device)
+    elif kind != "semantic":
+        raise ValueError(f"gtp: unknown graph {kind!r}; valid graphs: {', '.join(GRAPHS)}")
+    return normalise_graph(adjacency)
+
+
+def sparsify_attention(probs: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Zero, per image and head, the attention entries strictly below the k-th smallest one,
+    k = floor(N * N * (1 - sparsity)); rows are not renormalised. ``probs`` is ``B x H x N x N``."""
+    num_tokens = probs.shape[-1]
+    k = math.floor(num_tokens * num_tokens * (1.0 - sparsity))
+    if k < 1:
+        return probs
+    threshold = probs.flatten(2).kthvalue(k, dim=-1, keepdim=True).values.unsqueeze(-1)
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix: int, num_tokens: int,
+                     device: torch.device | str = "cpu", block: int = 0, seed: int = 0) -> torch.Tensor:
+    """Score of every image token, ``B x (N - num_prefix)``; the lowest are propagated away.
+
+    - ``mixed_attn_max``: u * v with u_i = max_h A_h[i, i], v_i = max_h sum_q A_h[q, i] (all queries).
+    - ``mixed_attn_mean``: the same with means over heads.
+    - ``col_sum``: v (max over heads); ``diag``: u (max over heads).
+    - ``cls_attn``: the CLS row (mean of all rows without a CLS token), mean over heads.
+    - ``random``: uniform scores from a generator seeded by (seed, block); the same for every image of a
+      batch, so an image's selection never depends on its batch.
+    """
+    if selection == "cls_attn":
+        return stats["cls_attn"][:, :, num_prefix:].mean(dim=1)
+    if selection == "random":
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed) * 1_000_003 + block)
+        return torch.rand(1, num_tokens - num_prefix, generator=generator, device=device)
+    attn = stats["attn"]
+    reduce_heads = (lambda t: t.amax(dim=1)) if selection != "mixed_attn_mean" else (lambda t: t.mean(dim=1))
+    if selection in ("mixed_attn_max", "mixed_attn_mean", "diag"):
+        diag = reduce_heads(attn.diagonal(dim1=-2, dim2=-1)[:, :, num_prefix:])
+        if selection == "diag":
+            return diag
+    column = reduce_heads(attn[..., num_prefix:].sum(dim=-2))
+    if selection == "col_sum":
+        return column
+    return diag * column
+
+
+@register
+class GTP(Method):
+    """Graph-based token propagation: in every reducing block propagate the ``r`` least important image
+    tokens into their graph neighbours, ``x[K] += alpha * G[K, R] @ x[R]``, and drop them.
+
+    Args:
+        r: tokens propagated per block: an int (every block, first and last included), a per-block list,
+            a dict {block: r} or (r, inflection). 0 changes nothing. Refused (ValueError) when a block would
+            remove every image token.
+        graph: "mixed" (default; spatial union semantic), "spatial" (8-neighbourhood) or "semantic"
+            (directed cosine kNN of the image tokens after the position embedding).
+        k: out-neighbours per token in the semantic graph (default 8).
+        alpha: propagation weight in (0, 1] (default 0.1).
+        selection: "mixed_attn_max" (default), "mixed_attn_mean", "cls_attn", "col_sum", "diag" or "random".
+        token_scale: propagate sizes too and add log(size) to every attention's logits (default True).
+        sparsity: theta in (0, 1]; below 1, each reducing block zeroes the attention entries under the
+            floor(N^2 (1 - theta))-th smallest per image and head, for the output and the selection.
+        seed: seed of the "random" selection.
+
+    Prefix tokens (CLS, distillation, registers) are never removed and receive nothing; kept tokens stay in
+    raster order. With owner tracking, a propagated token's patches go to the kept neighbour that received
+    most of it (-1 when it had no kept neighbour).
+    """
+
+    name = "gtp"
+
+    def __init__(self, r: Any = 8, graph: str = "mixed", k: int = 8, alpha: float = 0.1,
+                 selection: str = "mixed_attn_max", token_scale: bool = True, sparsity: float = 1.0,
+                 seed: int = 0) -> None:
+        super().__init__(r=r, graph=graph, k=k, alpha=alpha, selection=selection, token_scale=token_scale,
+                         sparsity=sparsity, seed=seed)
+        validate_r(self.name, r)
+        if graph not in GRAPHS:
+            raise ValueError(f"{self.name}: unknown graph {graph!r}; valid graphs: {', '.join(GRAPHS)}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"{self.name}: unknown selection {selection!r}; valid selections: "
+                             f"{', '.join(SELECTIONS)}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{self.name}: k (semantic neighbours) must be an integer >= 1, got {k!r}")
+        for option, value in (("alpha", alpha), ("sparsity", sparsity)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(f"{self.name}: {option} must be in (0, 1], got {value!r}")
+        if not isinstance(token_scale, bool):
+            raise TypeError(f"{self.name}: token_scale must be True or False, got {token_scale!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{self.name}: seed must be an integer, got {seed!r}")
+        self.r, self.graph, self.k, self.alpha = r, graph, k, float(alpha)
+        self.selection, self.token_scale, self.sparsity, self.seed = selection, token_scale, float(sparsity), seed
+        # Blocks with r > 0 for the model depth last planned: where the sparsification acts. A function of the
+        # depth only (not per-forward state), so r=0 blocks keep the fused, unchanged attention.
+        self._reducing_blocks: frozenset[int] = frozenset()
+
+    # --- schedule -------------------------------------------------------------------------------
+    def amounts(self, depth: int) -> list[int]:
+        return resolve_r(self.name, self.r, depth, None)
+
+    def plan(self, num_tokens: int, num_prefix: int, depth: int) -> Plan:
+        plan = super().plan(num_tokens, num_prefix, depth)
+        image_tokens = num_tokens - num_prefix
+        if any(plan.amounts) and self.graph != "spatial" and self.k >= image_tokens:
+            raise ValueError(f"{self.name}: the {self.graph} graph needs k < {image_tokens} image tokens, "
+                             f"got k={self.k}")
+        self._reducing_blocks = frozenset(i for i, amount in enumerate(plan.amounts) if amount)
+        return plan
+
+    # --- forward hooks --------------------------------------------------------------------------
+    def needs(self, block: int, plan: Plan) -> frozenset[str]:
+        if not plan.reduces(block):
+            return frozenset()
+        if self.selection in _FULL_MAP_SELECTIONS:
+            return frozenset({"attn"})
+        return frozenset({"cls_attn"}) if self.selection == "cls_attn" else frozenset()
+
+    def prop_attn(self, block: int) -> bool:
+        return self.token_scale
+
+    def attn_transform(self, block: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.sparsity >= 1.0 or block not in self._reducing_blocks:
+            return None
+        sparsity = self.sparsity
+        return lambda probs: sparsify_attention(probs, sparsity)
+
+    def begin(self, state: TokenState, plan: Plan) -> TokenState:
+        if not any(plan.amounts):
+            return state
+        graph = build_graph(state.x[:, state.num_prefix:], state.grid, self.graph, self.k)
+        return state.replace(extras={**state.extras, GRAPH_KEY: graph})
+
+    def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
+        x, num_prefix = state.x, state.num_prefix
+        batch, num_tokens, channels = x.shape
+        graph = state.extras[GRAPH_KEY]
+        image_tokens = num_tokens - num_prefix
+        kept_count = image_tokens - amount
+
+        scores = selection_scores(self.selection, stats, num_prefix, num_tokens, x.device, block, self.seed)
+        order = scores.expand(batch, -1).argsort(dim=-1, stable=True)
+        propagated = order[:, :amount]  # indices among the image tokens
+        kept = order[:, amount:].sort(dim=-1).values  # raster order
+
+        # Rows of the kept tokens once, then both column blocks: G[K, R] for propagation, G[K, K] for later.
+        graph_rows = graph.gather(1, kept.unsqueeze(-1).expand(-1, -1, image_tokens))
+        weights = graph_rows.gather(2, propagated.unsqueeze(1).expand(-1, kept_count, -1))
+        next_graph = graph_rows.gather(2, kept.unsqueeze(1).expand(-1, kept_count, -1))
+
+        index = torch.cat([torch.arange(num_prefix, device=x.device).expand(batch, -1), kept + num_prefix], dim=1)
+        propagated_index = propagated + num_prefix
+        scaled = weights * self.alpha
+        x_new = gather_tokens(x, index)
+        x_new[:, num_prefix:] += scaled.to(x.dtype) @ gather_tokens(x, propagated_index)
+
+        size = state.size
+        if self.token_scale:
+            sizes = state.sizes()
+            size = gather_tokens(sizes, index)
+            size[:, num_prefix:] += scaled @ gather_tokens(sizes, propagated_index).to(scaled.dtype)
+        elif size is not None:
+            size = gather_tokens(size, index)
+
+        owner = state.owner
+        if owner is not None:
+            # A propagated token's patches follow the kept neighbour that received most of it.
+            best, receiver = weights.max(dim=1)
+            receiver = torch.where(best > 0, receiver + num_prefix, torch.full_like(receiver, -1))
+            new_index_of_old = torch.full((batch, num_tokens), -1, dtype=torch.long, device=x.device)
+            new_index_of_old.scatter_(1, index, torch.arange(index.shape[1], device=x.device).expand(batch, -1))
+            new_index_of_old.scatter_(1, propagated_index, receiver)
+            owner = remap_owner(owner, new_index_of_old)
+
+        extras = {**state.extras, GRAPH_KEY: next_graph}
+        return state.replace(x=x_new, size=size, owner=owner, extras=extras)
+
+    # --- cost -----------------------------------------------------------------------------------
+    def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
+        """Semantic graph n0^2 * D, propagation (n - r) * r * D per block (+ (n - r) * r for the sizes),
+        and for ``cls_attn`` selection the CLS row N * D beside the fused attention."""
+        if not any(plan.amounts):
+            return 0.0
+        macs = 0
+        if self.graph != "spatial":
+            n0 = plan.tokens_in[0] - num_prefix
+            macs += n0 * n0 * dim
+        width = dim + (1 if self.token_scale else 0)
+        for n_in, amount in zip(plan.tokens_in, plan.amounts, strict=True):
+            if amount:
+                macs += (n_in - num_prefix - amount) * amount * width
+                if self.selection == "cls_attn" and self.sparsity >= 1.0:
+                    macs += n_in * dim
+        return float(macs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "options": dict(self.options),
+            "graph": self.graph,
+            "k": self.k,
+            "alpha": self.alpha,
+            "selection": self.selection,
+            "token_scale": self.token_scale,
+            "sparsity": self.sparsity,
+            "seed": self.seed,
+        }

@@ -1,0 +1,403 @@
+"""GTP (graph-based token propagation): graph, selection, propagation, schedule, cost, model families."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenreduce as tr
+from tokenreduce.core.state import TokenState
+from tokenreduce.methods.base import create_method
+from tokenreduce.methods.gtp import (
+    GRAPH_KEY,
+    build_graph,
+    normalise_graph,
+    semantic_adjacency,
+    sparsify_attention,
+    spatial_adjacency,
+    spatial_graph,
+)
+
+SQ2 = 1 / math.sqrt(2)
+
+
+def small_deit(**overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    options = dict(pretrained=False, depth=3, embed_dim=96, num_heads=3, img_size=64)
+    return timm.create_model("deit_small_patch16_224", **{**options, **overrides}).eval()
+
+
+def images(batch: int = 2, size: tuple[int, int] = (64, 64), seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+def test_spatial_graph_on_3x3_grid_matches_hand_computation():
+    adjacency = spatial_adjacency((3, 3))
+    # Raster order 0 1 2 / 3 4 5 / 6 7 8: 8-neighbourhood, no self loops.
+    neighbours = {
+        0: {1, 3, 4}, 1: {0, 2, 3, 4, 5}, 2: {1, 4, 5},
+        3: {0, 1, 4, 6, 7}, 4: {0, 1, 2, 3, 5, 6, 7, 8}, 5: {1, 2, 4, 7, 8},
+        6: {3, 4, 7}, 7: {3, 4, 5, 6, 8}, 8: {4, 5, 7},
+    }
+    expected = torch.zeros(9, 9, dtype=torch.bool)
+    for i, js in neighbours.items():
+        expected[i, list(js)] = True
+    assert torch.equal(adjacency, expected)
+    assert adjacency.sum(dim=1).tolist() == [3, 5, 3, 5, 8, 5, 3, 5, 3]
+
+    graph = spatial_graph((3, 3))
+    assert graph[0, 1].item() == pytest.approx(1 / math.sqrt(3 * 5))  # corner - edge
+    assert graph[0, 4].item() == pytest.approx(1 / math.sqrt(3 * 8))  # corner - centre
+    assert graph[1, 4].item() == pytest.approx(1 / math.sqrt(5 * 8))  # edge - centre
+    assert graph[4, 4].item() == 0 and graph[0, 8].item() == 0 and graph[0, 2].item() == 0
+    assert torch.allclose(graph, graph.T)
+    # Cached per (grid, device): the same tensor comes back.
+    assert spatial_graph((3, 3)) is graph
+
+
+def test_spatial_graph_on_non_square_grid():
+    adjacency = spatial_adjacency((2, 3))  # 0 1 2 / 3 4 5
+    assert adjacency.sum(dim=1).tolist() == [3, 5, 3, 3, 5, 3]
+    assert adjacency[0].nonzero().flatten().tolist() == [1, 3, 4]
+    assert not adjacency[0, 2] and not adjacency[2, 3]
+    assert spatial_adjacency((1, 4)).sum(dim=1).tolist() == [1, 2, 2, 1]
+
+
+def test_normalisation_uses_row_degrees_elementwise():
+    # Directed: row 0 has 2 out-neighbours, rows 1 and 2 one each.
+    adjacency = torch.tensor([[0, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    graph = normalise_graph(adjacency)
+    expected = torch.tensor([[0, SQ2, SQ2], [0, 0, 1.0], [SQ2, 0, 0]])
+    assert torch.allclose(graph, expected)
+    # An isolated token (1 x 1 grid) gets a zero row, not NaN.
+    assert normalise_graph(torch.zeros(1, 1, dtype=torch.bool)).tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 4])
+def test_semantic_graph_has_exactly_k_out_neighbours(num_prefix):
+    torch.manual_seed(3)
+    grid, k = (4, 5), 3
+    x = torch.randn(2, num_prefix + 20, 16)
+    if num_prefix:
+        x[:, 0] = x[:, num_prefix + 7]  # a prefix token identical to an image token must not be a node
+    method = create_method("gtp", r=1, graph="semantic", k=k)
+    plan = method.plan(x.shape[1], num_prefix, 2)
+    state = method.begin(TokenState(x=x, num_prefix=num_prefix, grid=grid), plan)
+    graph = state.extras[GRAPH_KEY]
+    assert graph.shape == (2, 20, 20)
+    edges = graph > 0
+    assert edges.sum(dim=-1).eq(k).all()
+    assert not edges.diagonal(dim1=1, dim2=2).any()
+    # The neighbours are the k most cosine-similar other image tokens.
+    unit = torch.nn.functional.normalize(x[:, num_prefix:], dim=-1)
+    similarity = unit @ unit.transpose(1, 2) - 10 * torch.eye(20)
+    expected = torch.zeros_like(edges).scatter_(2, similarity.topk(k, dim=-1).indices, True)
+    assert torch.equal(edges, expected)
+    # Row degree k everywhere: every entry is 1 / sqrt(k * k).
+    assert torch.allclose(graph[edges], torch.full((2 * 20 * k,), 1 / k))
+
+
+def test_mixed_graph_is_union_normalised_by_row_degree():
+    torch.manual_seed(4)
+    tokens = torch.randn(1, 12, 8)
+    union = semantic_adjacency(tokens, 2) | spatial_adjacency((3, 4))
+    graph = build_graph(tokens, (3, 4), "mixed", 2)
+    assert torch.equal(graph > 0, union)
+    degree = union.sum(dim=-1).float()
+    i, j = union[0].nonzero()[0].tolist()
+    assert graph[0, i, j].item() == pytest.approx(1 / math.sqrt(degree[0, i] * degree[0, j]))
+
+
+# --- selection and propagation by hand ------------------------------------------------------------
+
+# Two heads, CLS + 4 image tokens on a 1 x 4 grid (a path 0-1-2-3: degrees 1, 2, 2, 1).
+HEAD0 = [[0.2, 0.2, 0.2, 0.2, 0.2],
+         [0.1, 0.5, 0.2, 0.1, 0.1],
+         [0.3, 0.3, 0.1, 0.2, 0.1],
+         [0.2, 0.1, 0.1, 0.4, 0.2],
+         [0.2, 0.2, 0.2, 0.1, 0.3]]
+HEAD1 = [[0.6, 0.1, 0.1, 0.1, 0.1],
+         [0.4, 0.2, 0.2, 0.1, 0.1],
+         [0.3, 0.1, 0.3, 0.2, 0.1],
+         [0.5, 0.1, 0.2, 0.1, 0.1],
+         [0.1, 0.1, 0.1, 0.1, 0.6]]
+# Image tokens: diag head0 .5 .1 .4 .3, head1 .2 .3 .1 .6 -> u(max) = .5 .3 .4 .6
+# column sums head0 1.3 .8 1.0 .9, head1 .6 .9 .6 1.0 -> v(max) = 1.3 .9 1.0 1.0
+# score = u * v = .65 .27 .40 .60 -> image token 1 goes first, then 2.
+# Means over heads: u = .35 .2 .25 .45, v = .95 .85 .8 .95, score = .3325 .17 .2 .4275 -> 1, then 2.
+X = [[9.0, 9.0], [1.0, 0.0], [2.0, 4.0], [0.0, 1.0], [3.0, 3.0]]
+
+
+def hand_state(owner: bool = True) -> tuple[TokenState, dict]:
+    x = torch.tensor([X])
+    attn = torch.tensor([[HEAD0, HEAD1]])
+    state = TokenState(x=x, num_prefix=1, grid=(1, 4),
+                       owner=torch.tensor([[1, 2, 3, 4]]) if owner else None)
+    return state, {"attn": attn}
+
+
+def run_reduce(amount: int, stats: dict | None = None, **options) -> TokenState:
+    method = create_method("gtp", r=amount, graph="spatial", **options)
+    state, default_stats = hand_state()
+    plan = method.plan(5, 1, 1)
+    state = method.begin(state, plan)
+    return method.reduce(0, state, stats or default_stats, amount)
+
+
+def test_default_selection_and_propagation_match_hand_computation():
+    out = run_reduce(1)
+    # Image token 1 (score .27) goes; G[0,1] = 1/sqrt(1*2), G[2,1] = 1/sqrt(2*2), G[3,1] = 0.
+    a = 0.1
+    expected_x = torch.tensor([[[9.0, 9.0],
+                                [1 + a * SQ2 * 2, 0 + a * SQ2 * 4],
+                                [0 + a * 0.5 * 2, 1 + a * 0.5 * 4],
+                                [3.0, 3.0]]])
+    assert torch.allclose(out.x, expected_x)
+    assert torch.allclose(out.size, torch.tensor([[[1.0], [1 + a * SQ2], [1 + a * 0.5], [1.0]]]))
+    # The graph shrinks to G[K, K] of the kept image tokens 0, 2, 3 (no renormalisation).
+    assert torch.allclose(out.extras[GRAPH_KEY], torch.tensor([[[0, 0, 0], [0, 0, SQ2], [0, SQ2, 0]]]))
+    # Patch of image token 1 goes to its largest receiver, image token 0 (new position 1).
+    assert out.owner.tolist() == [[1, 1, 2, 3]]
+
+
+def test_mean_selection_two_tokens_and_owner():
+    out = run_reduce(2, selection="mixed_attn_mean", alpha=0.5, token_scale=False)
+    # Image tokens 1 and 2 go; kept 0 (receives .5 * G[0,1] x1) and 3 (receives .5 * G[3,2] x2).
+    expected_x = torch.tensor([[[9.0, 9.0], [1 + 0.5 * SQ2 * 2, 0.5 * SQ2 * 4], [3.0, 3 + 0.5 * SQ2 * 1]]])
+    assert torch.allclose(out.x, expected_x)
+    assert out.size is None  # token_scale off: no sizes
+    assert out.owner.tolist() == [[1, 1, 2, 2]]
+
+
+def test_propagated_token_without_kept_neighbour_loses_its_patch():
+    # CLS attention picks image tokens 0 and 1; token 0's only neighbour (1) goes too.
+    cls_attn = torch.tensor([[[0.9, 0.01, 0.02, 0.5, 0.5]]])
+    out = run_reduce(2, stats={"cls_attn": cls_attn}, selection="cls_attn")
+    expected_x = torch.tensor([[[9.0, 9.0], [0 + 0.1 * 0.5 * 2, 1 + 0.1 * 0.5 * 4], [3.0, 3.0]]])
+    assert torch.allclose(out.x, expected_x)
+    assert out.owner.tolist() == [[-1, 1, 1, 2]]
+
+
+def test_prefix_tokens_are_never_candidates_and_receive_nothing():
+    state, stats = hand_state()
+    attn = stats["attn"].clone()
+    attn[..., 0] = 0.0  # CLS would have the lowest score of all if it were a candidate
+    out = run_reduce(3, stats={"attn": attn})
+    assert out.x[0, 0].tolist() == [9.0, 9.0]
+    assert out.x.shape == (1, 2, 2) and out.size[0, 0].item() == 1.0
+    # Image token 0 (score .65) stays and receives image token 1, its only neighbour.
+    assert torch.allclose(out.x[0, 1], torch.tensor([1 + 0.1 * SQ2 * 2, 0.1 * SQ2 * 4]))
+
+
+@pytest.mark.parametrize("selection, removed", [("diag", 0), ("col_sum", 1), ("mixed_attn_max", 0),
+                                                ("mixed_attn_mean", 0)])
+def test_single_statistic_selections(selection, removed):
+    # One head; image diag u = .1 .5 .5 .5, column sums v = 2 .5 1 1, u * v = .2 .25 .5 .5.
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, [1, 2, 3, 4], [1, 2, 3, 4]] = torch.tensor([0.1, 0.5, 0.5, 0.5])
+    attn[0, 0, 0, [1, 3, 4]] = torch.tensor([1.9, 0.5, 0.5])
+    out = run_reduce(1, stats={"attn": attn}, selection=selection)
+    if removed == 0:  # image token 0 goes into its only neighbour, image token 1 (G = 1/sqrt(2 * 1))
+        expected = [[2 + 0.1 * SQ2 * 1, 4.0], [0.0, 1.0], [3.0, 3.0]]
+    else:  # image token 1 goes into image tokens 0 (G = 1/sqrt(1 * 2)) and 2 (G = 1/sqrt(2 * 2))
+        expected = [[1 + 0.1 * SQ2 * 2, 0.1 * SQ2 * 4], [0.1 * 0.5 * 2, 1 + 0.1 * 0.5 * 4], [3.0, 3.0]]
+    assert torch.allclose(out.x[0, 1:], torch.tensor(expected))
+
+
+def test_random_selection_is_seeded_and_batch_independent():
+    model = small_deit()
+    x = images(4)
+    tr.patch(model, "gtp", r=3, selection="random", seed=5)
+    with torch.no_grad():
+        first, again, single = model(x), model(x), model(x[2:3])
+        tr.patch(model, "gtp", r=3, selection="random", seed=6)
+        other = model(x)
+    assert torch.equal(first, again)
+    assert torch.allclose(first[2:3], single, atol=1e-5)
+    assert not torch.allclose(first, other)
+
+
+# --- sparsification -------------------------------------------------------------------------------
+
+def test_sparsity_zeroes_the_expected_fraction_without_renormalising():
+    probs = torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(0)).softmax(dim=-1)
+    for theta in (0.6, 0.8, 0.95):
+        k = math.floor(100 * (1 - theta))
+        out = sparsify_attention(probs, theta)
+        zeroed = (out == 0).flatten(2).sum(dim=-1)
+        assert zeroed.eq(k - 1).all(), (theta, zeroed)  # strictly below the k-th smallest
+        kept = out != 0
+        assert torch.equal(out[kept], probs[kept])
+        assert (out.sum(dim=-1) <= probs.sum(dim=-1) + 1e-6).all()
+    assert sparsify_attention(probs, 1.0) is probs
+
+
+def test_sparsity_applies_only_below_one_and_only_where_tokens_go():
+    method = create_method("gtp", r=[2, 0, 2])
+    method.plan(17, 1, 3)
+    assert method.attn_transform(0) is None  # theta = 1: off
+    sparse = create_method("gtp", r=[2, 0, 2], sparsity=0.6)
+    sparse.plan(17, 1, 3)
+    assert sparse.attn_transform(0) is not None and sparse.attn_transform(2) is not None
+    assert sparse.attn_transform(1) is None
+    model = small_deit()
+    x = images()
+    with torch.no_grad():
+        tr.patch(model, "gtp", r=2)
+        dense = model(x)
+        tr.patch(model, "gtp", r=2, sparsity=0.6)
+        sparse_out = model(x)
+    assert not torch.allclose(dense, sparse_out, atol=1e-4)
+
+
+# --- schedule and errors --------------------------------------------------------------------------
+
+def test_token_counts_per_block():
+    model = small_deit()
+    tr.patch(model, "gtp", r=[3, 0, 5])
+    info = tr.describe(model)
+    assert info["tokens_in"] == [17, 14, 14] and info["tokens_out"] == [14, 14, 9]
+    assert info["graph"] == "mixed" and info["k"] == 8 and info["selection"] == "mixed_attn_max"
+    states = tr.trace(model, images())
+    assert [s.x.shape[1] for s in states] == [14, 14, 9]
+    assert [s.size.shape[1] for s in states] == [14, 14, 9]
+
+
+def test_error_when_r_removes_every_image_token():
+    model = small_deit()
+    reference_class = type(model)
+    with pytest.raises(ValueError, match=r"gtp: block 2 would remove 6 of its 4 image tokens"):
+        tr.patch(model, "gtp", r=6)
+    assert type(model) is reference_class
+    with pytest.raises(ValueError, match=r"block 0 would remove 16 of its 16"):
+        tr.patch(model, "gtp", r=[16])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"graph": "knn"}, r"unknown graph 'knn'; valid graphs: spatial, semantic, mixed"),
+    ({"selection": "cls"}, r"unknown selection 'cls'; valid selections: mixed_attn_max, .*random"),
+    ({"k": 0}, r"k \(semantic neighbours\) must be an integer >= 1, got 0"),
+    ({"alpha": 0}, r"alpha must be in \(0, 1\], got 0"),
+    ({"alpha": 1.5}, r"alpha must be in \(0, 1\], got 1.5"),
+    ({"sparsity": 0.0}, r"sparsity must be in \(0, 1\], got 0.0"),
+    ({"sparsity": 1.2}, r"sparsity must be in \(0, 1\], got 1.2"),
+    ({"r": -1}, r"r must be a non-negative integer, got -1"),
+    ({"k": 16, "r": 1}, r"the mixed graph needs k < 16 image tokens, got k=16"),
+])
+def test_bad_options_are_refused(options, message):
+    model = small_deit()
+    with pytest.raises(ValueError, match=message):
+        tr.patch(model, "gtp", **options)
+    assert tr.describe(model)["method"] is None
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+def test_r0_equals_unpatched_and_unpatch_restores_exactly():
+    model = small_deit()
+    x = images()
+    with torch.no_grad():
+        reference = model(x)
+        tr.patch(model, "gtp", r=0, sparsity=0.5)
+        assert torch.allclose(model(x), reference, atol=1e-5)
+        tr.patch(model, "gtp", r=4)
+        assert not torch.allclose(model(x), reference, atol=1e-3)
+        tr.unpatch(model)
+        assert torch.equal(model(x), reference)
+
+
+@pytest.mark.parametrize("graph", ["mixed", "spatial", "semantic"])
+def test_batch_independence(graph):
+    model = tr.patch(small_deit(), "gtp", r=4, graph=graph, k=3)
+    x = images(4)
+    with torch.no_grad():
+        batched = model(x)
+        singles = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(batched, singles, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, num_prefix", [
+    ("deit_base_distilled_patch16_224", 2),
+    ("vit_medium_patch16_reg4_gap_256", 4),
+])
+def test_prefix_tokens_are_kept(name, num_prefix):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=3, embed_dim=64, num_heads=2, img_size=64).eval()
+    assert model.num_prefix_tokens == num_prefix
+    x = images()
+    tr.patch(model, "gtp", r=0)
+    unreduced = tr.trace(model, x)
+    tr.patch(model, "gtp", r=5, alpha=1.0)
+    reduced = tr.trace(model, x)
+    assert [s.x.shape[1] for s in reduced] == [num_prefix + 16 - 5 * (i + 1) for i in range(3)]
+    # Block 0: same attention, so the prefix tokens (which receive nothing; the MLP is per token) match.
+    assert torch.allclose(reduced[0].x[:, :num_prefix], unreduced[0].x[:, :num_prefix], atol=1e-6)
+    assert torch.equal(reduced[0].size[:, :num_prefix], torch.ones(2, num_prefix, 1))
+    owner = reduced[-1].owner
+    assert ((owner >= num_prefix) | (owner == -1)).all()
+    with torch.no_grad():
+        assert model(x).shape == (2, 1000)
+
+
+def test_non_square_grid_with_dynamic_img_size():
+    model = small_deit(dynamic_img_size=True)
+    x = images(2, (48, 80))  # 3 x 5 patches
+    with torch.no_grad():
+        reference = model(x)
+        tr.patch(model, "gtp", r=0)
+        assert torch.allclose(model(x), reference, atol=1e-5)
+        tr.patch(model, "gtp", r=4, graph="mixed", k=4)
+        states = tr.trace(model, x)
+    assert states[0].grid == (3, 5)
+    assert [s.x.shape[1] for s in states] == [12, 8, 4]
+    assert tr.describe(model, img_size=(48, 80))["tokens_out"] == [12, 8, 4]
+    assert spatial_adjacency((3, 5)).shape == (15, 15)
+
+
+def test_gradients_reach_parameters_in_train_mode():
+    model = tr.patch(small_deit(), "gtp", r=3).train()
+    model(images()).logsumexp(dim=-1).sum().backward()
+    for name in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.2.mlp.fc2.weight", "pos_embed"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_bfloat16():
+    model = tr.patch(small_deit(), "gtp", r=3, sparsity=0.8)
+    x = images()
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_out = model(x)
+        bf16_out = model.to(torch.bfloat16)(x.bfloat16())
+    assert bf16_out.dtype == torch.bfloat16
+    for out in (autocast_out, bf16_out):
+        assert torch.isfinite(out.float()).all()
+        assert torch.allclose(out.float(), reference, atol=0.2)
+
+
+@pytest.mark.parametrize("options", [
+    {"r": 3},
+    {"r": [2, 5, 0], "graph": "spatial"},
+    {"r": 3, "graph": "semantic", "k": 3, "token_scale": False},
+])
+def test_analytic_flops_match_flop_counter(options):
+    model = small_deit(depth=4)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    tr.patch(model, "gtp", **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images(1))
+    counted = counter.get_total_flops() / 2
+    report = tr.flops(model)
+    assert report.overhead_gmacs > 0
+    assert report.total_gmacs * 1e9 == pytest.approx(counted, rel=0.01)
+    # Every matrix product is accounted for, the graph and the propagation included: the counts agree exactly.
+    assert report.total_gmacs * 1e9 == pytest.approx(counted, abs=1)
