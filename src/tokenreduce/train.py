@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+from .measure.checkpoint import load_checkpoint
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -153,36 +155,9 @@ def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a state dict (``.safetensors``, or ``.pth``/``.pt`` through ``torch.load(weights_only=True)``,
     also a training checkpoint's ``"model"`` entry) into ``model``; a file that cannot be read or does not
-    match raises ValueError naming the missing/unexpected keys.
+    match raises ValueError naming the missing/unexpected keys (``tokenreduce.measure.checkpoint``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any reader failure means the file is unusable)
-        raise ValueError(f"cannot read checkpoint {str(path)!r} (corrupt or not a state dict): {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
-    target = unwrap(model)
-    own = target.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong_shape:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = [f"{label}: {show(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong_shape))
-                 if keys]
-        raise ValueError(f"checkpoint {str(path)!r} does not match the model; " + "; ".join(parts))
-    target.load_state_dict(state)
+    load_checkpoint(unwrap(model), path)
     return model
 
 

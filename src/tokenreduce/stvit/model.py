@@ -112,7 +112,7 @@ class STViT(nn.Module):
         check_supported(model)
         depth = len(model.blocks)
         side = math.isqrt(num_semantic) if isinstance(num_semantic, int) and num_semantic > 0 else 0
-        if isinstance(num_semantic, bool) or side * side != num_semantic:
+        if isinstance(num_semantic, bool) or side == 0 or side * side != num_semantic:
             raise ValueError(f"num_semantic={num_semantic!r} must be a positive square (4, 9, 16, ...)")
         for name, value, low in (("full_blocks", full_blocks, 0), ("generation_layers", generation_layers, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
