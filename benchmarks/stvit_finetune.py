@@ -54,15 +54,16 @@ def run_baseline(args: argparse.Namespace) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(data=TRAIN, out=str(CKPT_DIR), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       min_lr=1e-6, weight_decay=0.05, warmup_epochs=0.3, label_smoothing=0.1,
+                       min_lr=1e-6, weight_decay=0.05, warmup_epochs=0.2, label_smoothing=0.1,
                        freeze_blocks=STVIT_OPTIONS["full_blocks"], bf16=True, transform="resize224",
-                       subset=args.subset, seed=0, grad_clip=1.0, resume=args.resume)
+                       subset=args.subset, seed=0, grad_clip=1.0, resume=args.resume,
+                       head_lr_scale=args.head_lr_scale)
 
 
 def run_train(args: argparse.Namespace) -> None:
     model = stvit.build(classifier(), **STVIT_OPTIONS)
     print(f"STViT: {tr.flops(model).total_gmacs:.3f} GMACs; training {args.epochs} epochs on {args.subset} "
-          f"images, batch {args.batch_size}, lr {args.lr}", flush=True)
+          f"images, batch {args.batch_size}, lr {args.lr} (head x{args.head_lr_scale})", flush=True)
     result = train(model, train_config(args))
     print(json.dumps({k: result[k] for k in ("steps", "images_seen", "wall_seconds", "history")}), flush=True)
 
@@ -102,10 +103,11 @@ def run_eval(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("baseline", "train", "eval"))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--subset", type=int, default=6000)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--subset", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1.5e-4)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--head-lr-scale", type=float, default=10.0)
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)

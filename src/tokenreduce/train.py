@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,9 +52,11 @@ class TrainConfig:
     freezes the patch/position embedding, prefix tokens and the first n blocks. ``max_steps`` stops the run
     after that many optimizer steps in total without writing a checkpoint for the unfinished epoch (a
     stand-in for a killed job, used by the tests). ``subset`` trains on a fixed random subset of that many
-    images. ``transform``: "model" (timm's data config of the model, with RandAugment when ``randaug``) or
-    "resize224" (the benchmark classifier's: resize to 224 bicubic, ImageNet mean/std, random flip when
-    training). ``checkpoint_dir`` defaults to ``out``.
+    images. ``head_lr_scale`` multiplies the learning rate of the classifier head (a re-purposed head, e.g.
+    an STViT head that now reads averaged semantic tokens instead of the CLS token, needs to move further).
+    ``transform``: "model" (timm's data config of the model, with RandAugment when ``randaug``) or
+    "resize<N>", e.g. "resize224" (the benchmark classifier's: resize to N x N bicubic, ImageNet mean/std,
+    random flip when training). ``checkpoint_dir`` defaults to ``out``.
     """
 
     data: str
@@ -82,6 +85,7 @@ class TrainConfig:
     val_data: str | None = None
     val_per_class: int | None = None
     grad_clip: float | None = None
+    head_lr_scale: float = 1.0
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -89,18 +93,21 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------- distributed
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when launched by torchrun (gloo on CPU)."""
+def _distributed() -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we joined the group); joins the process group when launched by
+    torchrun (gloo on CPU, nccl on GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        joined = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        return rank, world, torch.device("cuda", local), joined
+    return rank, world, torch.device("cpu"), joined
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -111,8 +118,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Callable:
-    if config.transform == "resize224":
-        steps = [transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC)]
+    resize = re.fullmatch(r"resize(\d+)", config.transform)
+    if resize:
+        size = int(resize.group(1))
+        steps = [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC)]
         if training and config.hflip > 0:
             steps.append(transforms.RandomHorizontalFlip(config.hflip))
         if training and config.randaug:
@@ -121,7 +130,7 @@ def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Ca
         steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         return transforms.Compose(steps)
     if config.transform != "model":
-        raise ValueError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize224')")
+        raise ValueError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize<N>')")
     data_config = resolve_data_config({}, model=unwrap(_host_vit(model)))
     if not training:
         return create_transform(**data_config, is_training=False)
@@ -262,7 +271,7 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     seen, wall time, validation top-1 when ``val_data`` is given. ``on_step(step, loss)`` is called on every
     rank after each optimizer step.
     """
-    rank, world, device = _distributed()
+    rank, world, device, joined = _distributed()
     is_main = rank == 0
     out = Path(config.out)
     ckpt_dir = Path(config.checkpoint_dir or config.out)
@@ -289,12 +298,16 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
         raise ValueError(f"{len(dataset)} images give no full batch of {config.batch_size} x {world} processes")
     total_steps = steps_per_epoch * config.epochs
 
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(("token", "pos_embed", "global_centres")) else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+            decays = not (p.ndim <= 1 or name.endswith(("token", "pos_embed", "global_centres")))
+            is_head = name.startswith(("head.", "vit.head.", "head_dist.", "vit.head_dist."))
+            groups.setdefault((decays, is_head), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+          "lr": config.lr * (config.head_lr_scale if is_head else 1.0)}
+         for (decays, is_head), params in sorted(groups.items())], lr=config.lr)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr,
                                   warmup_t=warmup, warmup_lr_init=config.lr * 1e-3, warmup_prefix=True,
@@ -401,6 +414,8 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
         result["val"].pop("predictions")
     if is_main:
         (out / "results.json").write_text(json.dumps(result, indent=2))
+    if joined:
+        dist.destroy_process_group()
     return result
 
 

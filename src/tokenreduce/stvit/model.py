@@ -132,7 +132,7 @@ class STViT(nn.Module):
         self.pool = TokenPooling(pooling, dim, side)
         self.generation = nn.ModuleList(GenerationLayer(b) for b in blocks[full_blocks:full_blocks + generation_layers])
         self.global_centres = None
-        if global_centres:
+        if global_centres and generation_layers > 1:  # G enters from generation layer 2 on
             self.global_centres = nn.Parameter(torch.zeros(1, num_semantic, dim))
             trunc_normal_(self.global_centres, std=0.02)
         self.semantic_blocks = nn.Sequential(*blocks[full_blocks + generation_layers:])

@@ -1,0 +1,157 @@
+"""``tokenreduce train``: fine-tune a timm ViT, a ``tr.patch``-ed one, or an STViT model on an ImageFolder tree.
+
+    tokenreduce train --model deit_small_patch16_224 --stvit --data train/ --epochs 10 --out runs/stvit
+    torchrun --nproc_per_node 8 -m tokenreduce.cli train --model deit_small_patch16_224 --stvit ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from pathlib import Path
+
+NAME = "train"
+HELP = "fine-tune a model (plain, patched with a method, or STViT) on an ImageFolder tree"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="timm model name (created with pretrained=False)")
+    model.add_argument("--checkpoint", help="initial weights, .safetensors or .pth: the timm model's state dict, "
+                                            "or a state dict of the built model (e.g. an STViT checkpoint)")
+    model.add_argument("--img-size", type=int, default=None, help="image size passed to timm.create_model")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="another timm.create_model keyword, repeatable (e.g. --model-arg depth=6)")
+    model.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
+    model.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm drop_path_rate)")
+    model.add_argument("--stvit", action="store_true", help="turn the model into STViT (tokenreduce.stvit.build)")
+    model.add_argument("--num-semantic", type=int, default=16)
+    model.add_argument("--full-blocks", type=int, default=4)
+    model.add_argument("--generation-layers", type=int, default=2)
+    model.add_argument("--pooling", default="learned", choices=("avg", "max", "learned"))
+    model.add_argument("--no-global-centres", action="store_true")
+    model.add_argument("--method", default=None, help="patch a token-reduction method instead (tr.patch)")
+    model.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a method option, repeatable (e.g. --option r=13)")
+
+    run = parser.add_argument_group("training")
+    run.add_argument("--data", required=True, help="ImageFolder training tree")
+    run.add_argument("--val-data", default=None, help="ImageFolder tree evaluated after training")
+    run.add_argument("--val-per-class", type=int, default=None, help="first n images of each class (sorted)")
+    run.add_argument("--out", required=True, help="output directory (results.json, checkpoint)")
+    run.add_argument("--checkpoint-dir", default=None, help="where last.pth goes (default: --out)")
+    run.add_argument("--resume", default=None, metavar="PATH", help="a last.pth written by an earlier run")
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--batch-size", type=int, default=64, help="per process")
+    run.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: 5e-4 x global batch / 512, the paper's rule)")
+    run.add_argument("--head-lr-scale", type=float, default=1.0,
+                     help="multiply the head's learning rate (a CLS head re-used by STViT must move further)")
+    run.add_argument("--min-lr", type=float, default=1e-6)
+    run.add_argument("--weight-decay", type=float, default=0.05)
+    run.add_argument("--warmup-epochs", type=float, default=1.0)
+    run.add_argument("--label-smoothing", type=float, default=0.1)
+    run.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (paper: 0.8)")
+    run.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (paper: 1.0)")
+    run.add_argument("--randaug", default=None, help="timm RandAugment string (paper: rand-m9-mstd0.5-inc1)")
+    run.add_argument("--freeze-blocks", type=int, default=0, help="freeze the embedding and the first n blocks")
+    run.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.9998)")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    run.add_argument("--transform", default="model",
+                     help="'model': timm's data config; 'resize<N>' (e.g. resize224): resize to N x N bicubic, "
+                          "ImageNet mean/std")
+    run.add_argument("--hflip", type=float, default=0.5, help="random horizontal flip probability in training")
+    run.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of n images")
+    run.add_argument("--workers", type=int, default=4)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--grad-clip", type=float, default=None)
+    run.add_argument("--max-steps", type=int, default=None, help="stop after n optimizer steps in total")
+    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    run.add_argument("--no-progress", action="store_true")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option {text!r} is not KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def build_model(args: argparse.Namespace):
+    """The model ``args`` describe, with the initial weights loaded."""
+    import timm
+
+    import tokenreduce as tr
+    from tokenreduce import stvit
+    from tokenreduce.measure.checkpoint import load_checkpoint, read_state_dict
+
+    if args.stvit and args.method:
+        raise ValueError("--stvit and --method exclude each other")
+    num_classes = args.num_classes
+    if num_classes is None:
+        num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
+    kwargs = {"pretrained": False, **dict(_option(o) for o in args.model_arg)}
+    if num_classes:
+        kwargs["num_classes"] = num_classes
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    if args.drop_path is not None:
+        kwargs["drop_path_rate"] = args.drop_path
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except RuntimeError as err:
+        raise ValueError(f"--model {args.model!r}: {err}") from err
+    # weights of the host model are loaded before building; weights of a built STViT model after
+    built_weights = False
+    if args.checkpoint:
+        state_keys = set(read_state_dict(args.checkpoint))
+        built_weights = args.stvit and any(k.startswith(("generation.", "vit.")) for k in state_keys)
+        if not built_weights:
+            load_checkpoint(model, args.checkpoint)
+    if args.stvit:
+        model = stvit.build(model, num_semantic=args.num_semantic, full_blocks=args.full_blocks,
+                            pooling=args.pooling, global_centres=not args.no_global_centres,
+                            generation_layers=args.generation_layers)
+        if built_weights:
+            load_checkpoint(model, args.checkpoint)
+    elif args.method:
+        tr.patch(model, args.method, **dict(_option(o) for o in args.option))
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import tokenreduce as tr
+    from tokenreduce.train import TrainConfig, lr_for_batch, train
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lr = args.lr if args.lr is not None else lr_for_batch(5e-4, args.batch_size * world)
+    config = TrainConfig(
+        data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        mixup=args.mixup, cutmix=args.cutmix, randaug=args.randaug, freeze_blocks=args.freeze_blocks,
+        ema_decay=args.ema_decay, bf16=args.bf16, transform=args.transform, hflip=args.hflip, subset=args.subset,
+        num_workers=args.workers, seed=args.seed, max_steps=args.max_steps, checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume, val_data=args.val_data, val_per_class=args.val_per_class, grad_clip=args.grad_clip,
+        head_lr_scale=args.head_lr_scale,
+        progress=not args.no_progress, extra={"model": args.model, "stvit": args.stvit, "method": args.method},
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{args.model}{' (STViT)' if args.stvit else ''}: {tr.flops(model).total_gmacs:.4g} GMACs/image, "
+              f"lr {lr:.3g}, {args.epochs} epochs", flush=True)
+    result = train(model, config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = result.get("val")
+        print(f"done: {result['steps']} steps, {result['images_seen']} images, {result['wall_seconds']:.0f} s"
+              + (f", val top-1 {val['top1']:.2f}%" if val else "") + f"; results in {Path(args.out) / 'results.json'}")
+    return 0
