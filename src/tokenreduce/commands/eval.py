@@ -1,0 +1,111 @@
+"""``tokenreduce eval``: top-1/top-5, agreement and KL of a reduced model against the unreduced one, same pass.
+
+    tokenreduce eval --model deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --method tome --r 13
+    tokenreduce eval --data images/ --labels labels.csv --method topk --keep-rate 0.7 --limit 500
+    torchrun --nproc_per_node 2 $(which tokenreduce) eval --data val/ --method tome --opt r=13
+
+(under torchrun write `--opt r=13`: torchrun itself reads any option starting with `--r`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from . import _common
+
+NAME = "eval"
+HELP = "Accuracy and agreement of a reduced model against the unreduced one, in one pass over a dataset."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _common.add_model_arguments(parser)
+    _common.add_method_arguments(parser)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="an ImageFolder tree, or a folder of images (with --labels)")
+    data.add_argument("--labels", default=None, metavar="CSV", help="'file,label' rows (ImageNet class indices)")
+    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--crop-pct", type=float, default=None, help="override the model's crop_pct")
+    data.add_argument("--interpolation", default=None, help="override the model's resize interpolation")
+    data.add_argument("--img-size", type=int, default=None, help="override the model's input size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common.add_json_argument(parser)
+
+
+def preprocessing(model, args: argparse.Namespace) -> tuple[dict, object]:
+    """The model's timm data config with the command-line overrides, and its eval transform."""
+    from timm.data import create_transform, resolve_data_config
+
+    overrides = {k: v for k, v in {"crop_pct": args.crop_pct, "interpolation": args.interpolation}.items()
+                 if v is not None}
+    if args.img_size is not None:
+        overrides["input_size"] = (3, args.img_size, args.img_size)
+    elif getattr(getattr(model, "patch_embed", None), "img_size", None) is not None:
+        # The size the model was built for (e.g. img_size=64 overrides), not its pretrained config's.
+        overrides["input_size"] = (3, *model.patch_embed.img_size)
+    config = resolve_data_config(overrides, model=model)
+    return config, create_transform(**config, is_training=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tokenreduce as tr
+
+    from ..measure.data import ImageListDataset, image_list
+    from ..measure.evaluate import close_distributed, evaluate_pair, init_distributed
+
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    name, options = _common.method_options(args)
+    files, labels, classes = image_list(args.data, args.labels)
+    if not files:
+        raise ValueError(f"no images found in {args.data!r}")
+    extra = {"img_size": args.img_size} if args.img_size is not None and args.model != _common.DEMO_MODEL else {}
+    unreduced = _common.build_model(args, **extra)
+    reduced = _common.patch_model(copy.deepcopy(unreduced), name, options)
+    config, transform = preprocessing(unreduced, args)
+    num_classes = getattr(unreduced, "num_classes", 0)
+    if classes and num_classes and len(classes) != num_classes:
+        print(f"warning: {len(classes)} class folders but the model has {num_classes} outputs; labels are the "
+              f"sorted folder indices", file=sys.stderr)
+
+    context = init_distributed()
+    try:
+        result = evaluate_pair(unreduced, reduced, ImageListDataset(files, labels, transform),
+                               batch_size=args.batch_size, workers=args.workers, limit=args.limit,
+                               context=context, progress=not args.no_progress)
+    finally:
+        close_distributed(context)
+    if not context.is_main:
+        return 0
+    img_size = config["input_size"][1:]
+    report = tr.flops(reduced, tuple(img_size))
+    prep = {k: config[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+            if k in config}
+    print(f"model {args.model}, method {_common.describe_method(name, options)}, "
+          f"{report.total_gmacs:.4g} GMACs (unreduced {report.baseline_gmacs:.4g})")
+    print("preprocessing: " + ", ".join(f"{k}={v}" for k, v in prep.items()))
+    print(f"images {result['images']} (labelled {result['labelled']}), broken {result['broken']}, "
+          f"processes {result['world_size']}")
+    for path in result["broken_files"]:
+        print(f"broken image skipped: {path}")
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    print(f"top-1 {fmt(result['top1'])} (unreduced {fmt(result['top1_unreduced'])}), "
+          f"top-5 {fmt(result['top5'])} (unreduced {fmt(result['top5_unreduced'])})")
+    kl = result["kl_unreduced_to_reduced"]
+    print(f"agreement {fmt(result['agreement'])}, mean KL(unreduced || reduced) "
+          f"{'n/a' if kl is None else f'{kl:.4f}'} nats")
+    _common.write_json(args.json, {
+        "command": "eval", "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
+        "labels": args.labels, "limit": args.limit, "method": name, "options": options,
+        "preprocessing": prep, "gmacs": report.total_gmacs, "baseline_gmacs": report.baseline_gmacs,
+        **result,
+    })
+    return 0

@@ -1,0 +1,51 @@
+"""``tokenreduce flops``: analytic GMACs and tokens per block of a patched model, unreduced beside it.
+
+    tokenreduce flops --model deit_small_patch16_224 --method tome --r 13
+    tokenreduce flops --method topk --keep-rate 0.7 --layers 3,6,9 --json out/flops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _common
+
+NAME = "flops"
+HELP = "GMACs (multiply-adds) and tokens per block of a reduced model, with the unreduced cost beside it."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _common.add_model_arguments(parser)
+    _common.add_method_arguments(parser)
+    parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
+    _common.add_json_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tokenreduce as tr
+
+    name, options = _common.method_options(args)
+    model = _common.build_model(args)
+    base = tr.flops(model, args.img_size)
+    _common.patch_model(model, name, options)
+    report = tr.flops(model, args.img_size)
+
+    print(f"model {args.model} at {report.img_size[0]}x{report.img_size[1]}, "
+          f"method {_common.describe_method(name, options)}")
+    print(f"{'block':>5} {'tokens in':>9} {'tokens out':>10} {'GMACs':>8} | {'unreduced':>9} {'GMACs':>8}")
+    for block, unreduced in zip(report.blocks, base.blocks, strict=True):
+        print(f"{block.index:>5} {block.tokens_in:>9} {block.tokens_out:>10} {block.gmacs:>8.4f} | "
+              f"{unreduced.tokens_in:>9} {unreduced.gmacs:>8.4f}")
+    print(f"total {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} reduction overhead = "
+          f"{report.total_gmacs:.3f} (unreduced {report.baseline_gmacs:.3f}; ratio {report.ratio:.2f}x)")
+    for note in report.notes:
+        print(f"note: {note}")
+    _common.write_json(args.json, {
+        "command": "flops",
+        "model": args.model,
+        "method": name,
+        "options": options,
+        **report.as_dict(),
+        "unreduced": base.as_dict(),
+    })
+    return 0
