@@ -50,10 +50,10 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
 
     A are the even positions of the current order, B the odd ones; prefix tokens never merge and
     nothing merges into them. Each source joins its best B token by size-weighted mean and the sizes
-    add. Output order: the A tokens that stay, in their original order (prefix first), then all of B.
+    add. Output order: the prefix tokens, the A tokens that stay in their original order, then B.
 
     ``metric`` is ``B x N x d`` (ToMe: keys averaged over heads). ``r`` must be at most the number of
-    mergeable A tokens; callers clamp.
+    mergeable A tokens; callers clamp. Prefix tokens stay first, in their order, whatever their parity.
     """
     if r <= 0:
         return state
@@ -80,18 +80,25 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     expand = dst_idx.unsqueeze(-1)
     xb = xb.scatter_add(1, expand.expand(-1, -1, channels), gather_tokens(xa, src_idx))
     sb = sb.scatter_add(1, expand, gather_tokens(sa, src_idx))
-    x_stay, s_stay = gather_tokens(xa, stay_idx), gather_tokens(sa, stay_idx)
-    new_size = torch.cat([s_stay, sb], dim=1)
-    new_x = torch.cat([x_stay, xb], dim=1) / new_size
+    # Prefix tokens take no part in a merge (their scores are -inf, so they always stay, first in stay_idx,
+    # and nothing lands on them): put them back first, in their own order, so CLS / distillation / register
+    # positions do not move; then the other A tokens that stay, then the other B tokens.
+    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    stay_idx = stay_idx[:, prefix_a:]
+    new_size = torch.cat([size[:, :num_prefix], gather_tokens(sa, stay_idx), sb[:, prefix_b:]], dim=1)
+    new_x = torch.cat([xs[:, :num_prefix], gather_tokens(xa, stay_idx), xb[:, prefix_b:]], dim=1) / new_size
 
     owner = None
     if state.owner is not None:
-        num_a, num_stay = a.shape[1], stay_idx.shape[1]
-        # new position of every old token: stayers by rank, sources follow their destination.
-        new_of_a = torch.empty(batch, num_a, dtype=torch.long, device=x.device)
-        new_of_a.scatter_(1, stay_idx, torch.arange(num_stay, device=x.device).expand(batch, -1))
-        new_of_a.scatter_(1, src_idx, num_stay + dst_idx)
-        new_of_b = num_stay + torch.arange(b.shape[1], device=x.device).expand(batch, -1)
+        num_stay = stay_idx.shape[1]
+        arange = torch.arange(num_tokens, device=x.device)
+        # new position of every old token: stayers by rank, B tokens after them, sources follow their destination.
+        new_of_a = torch.empty(batch, a.shape[1], dtype=torch.long, device=x.device)
+        new_of_a[:, :prefix_a] = arange[0 : 2 * prefix_a : 2]
+        new_of_a.scatter_(1, stay_idx, num_prefix + arange[:num_stay].expand(batch, -1))
+        new_of_b = (num_prefix + num_stay - prefix_b + arange[: b.shape[1]]).expand(batch, -1).clone()
+        new_of_b[:, :prefix_b] = arange[1 : 2 * prefix_b : 2]
+        new_of_a.scatter_(1, src_idx, new_of_b.gather(1, dst_idx))
         new_index_of_old = torch.empty(batch, num_tokens, dtype=torch.long, device=x.device)
         new_index_of_old[:, ::2] = new_of_a
         new_index_of_old[:, 1::2] = new_of_b

@@ -1,0 +1,54 @@
+"""Shared fixtures: small configurations of every supported timm model (random weights, no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Small sizes of each supported family: the structure (prefix tokens, LayerScale, pooling, patch size, qk-norm)
+# of the real model at a fraction of the cost.
+SMALL = dict(depth=4, embed_dim=48, num_heads=3)
+MODEL_CASES = {
+    "deit_tiny_patch16_224": dict(img_size=96),
+    "deit_small_patch16_224": dict(img_size=96),
+    "deit_base_distilled_patch16_224": dict(img_size=96),
+    "deit3_small_patch16_224": dict(img_size=96),
+    "vit_small_patch14_dinov2": dict(img_size=98),
+    "vit_base_patch16_224": dict(img_size=96),
+    "vit_medium_patch16_reg4_gap_256": dict(img_size=96),
+    "vit_base_patch16_gap_224": dict(img_size=96),
+    "vit_small_patch16_224:qk_norm": dict(img_size=96, qk_norm=True),
+}
+
+
+def make_model(case: str, **overrides) -> torch.nn.Module:
+    """A small, seeded, eval-mode instance of a supported model (``name[:tag]`` keys of MODEL_CASES)."""
+    torch.manual_seed(0)
+    name = case.split(":")[0]
+    kwargs = {**SMALL, **MODEL_CASES.get(case, {}), **overrides}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    # Random-init LayerScale (1e-5) and tiny weights make every token alike; spread them so reductions matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1 and torch.all(p == p.flatten()[0]) and p.flatten()[0].abs() < 1e-3:
+                p.fill_(0.5)
+        for name_, p in model.named_parameters():
+            if name_.endswith(("cls_token", "reg_token", "dist_token", "pos_embed")):
+                p.normal_(0, 0.5)
+    return model
+
+
+def images(model: torch.nn.Module, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None):
+    h, w = size or model.patch_embed.img_size
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=list(MODEL_CASES))
+def model_case(request):
+    return request.param
