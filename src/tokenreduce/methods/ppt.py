@@ -44,9 +44,9 @@ class PPT(Method):
 
     Args:
         r: tokens removed per reducing block: an int (at every block of ``layers``), a per-block list or a
-            dict ``{block: r}`` (a per-block ``r`` names its blocks itself and ``layers`` is then unused).
+            dict ``{block: r}`` (a per-block ``r`` names its blocks itself: give no ``layers`` with it).
             Default 50 (the DeiT-S setting, 4.6 -> 2.9 GMACs).
-        layers: the reducing blocks, 0-based. Default (3, 6, 9), the DeiT setting.
+        layers: the reducing blocks of an int ``r``, 0-based. Default None: (3, 6, 9), the DeiT setting.
         threshold: variance threshold of the normalised importance scores. Default 7e-5 (the authors'
             off-the-shelf DeiT value; 6e-5 after fine-tuning). 0 always prunes, ``math.inf`` always pools.
         prop_attn: add log(size) to the key logits of every attention once sizes exist. Default True.
@@ -85,15 +85,19 @@ class PPT(Method):
     name = "ppt"
     clamps = True
 
-    def __init__(self, r: Any = 50, layers: Any = DEFAULT_LAYERS, threshold: float = DEFAULT_THRESHOLD,
+    def __init__(self, r: Any = 50, layers: Any = None, threshold: float = DEFAULT_THRESHOLD,
                  prop_attn: bool = True) -> None:
+        per_block = isinstance(r, dict | list) or (isinstance(r, tuple) and len(r) != 2)
+        if per_block and layers is not None:
+            raise ValueError(f"{self.name}: r={r!r} names its blocks itself; give layers={layers!r} only with "
+                             f"an int r")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold) \
                 or threshold < 0:
             raise ValueError(f"{self.name}: threshold must be a non-negative number, got {threshold!r}")
         self._pooled_share: dict[int, torch.Tensor] = {}
         super().__init__(r=r, layers=layers, threshold=threshold, prop_attn=prop_attn)
         self.r, self.layers, self.threshold = r, layers, float(threshold)
-        self.use_prop_attn = bool(prop_attn)
+        self.use_prop_attn, self.per_block = bool(prop_attn), per_block
         validate_r(self.name, r)
 
     # --- diagnostics: tensors during the forward pass, floats when read --------------------------
@@ -114,7 +118,8 @@ class PPT(Method):
 
     # --- schedule ---------------------------------------------------------------------------------
     def amounts(self, depth: int) -> list[int]:
-        return resolve_r(self.name, self.r, depth, check_layers(self.name, self.layers, depth))
+        layers = None if self.per_block else DEFAULT_LAYERS if self.layers is None else self.layers
+        return resolve_r(self.name, self.r, depth, check_layers(self.name, layers, depth))
 
     def step(self, block: int, num_tokens: int, num_prefix: int, amount: int) -> tuple[int, int, str]:
         limit = max_bipartite_r(num_tokens, num_prefix)

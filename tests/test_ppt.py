@@ -1,0 +1,310 @@
+"""PPT (adaptive token pruning and pooling): policies, schedule, prefix safety, cost, errors, dtypes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenreduce as tr
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 3, "img_size": 96}  # 36 patches, 37 tokens with CLS
+LAYERS, R = (1, 3), 6
+
+
+def small_model(name: str = "deit_small_patch16_224", **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **{**SMALL, **overrides}).eval()
+
+
+def images(batch: int, seed: int = 1, size: int = 96) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Different contrasts per image give the importance scores clearly different variances.
+    scale = torch.linspace(0.2, 3.0, batch).view(-1, 1, 1, 1) if batch > 1 else 1.0
+    return torch.randn(batch, 3, size, size, generator=generator) * scale
+
+
+def reference_scores(block: torch.nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """The ATS score computed independently from the block's full attention map (no size bias: all 1)."""
+    attn = block.attn
+    batch, num_tokens, channels = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+    cls_to_images = probs[:, :, 0, num_prefix:].sum(dim=1)
+    value_norm = v.transpose(1, 2).reshape(batch, num_tokens, channels).norm(dim=-1)[:, num_prefix:]
+    weighted = cls_to_images * value_norm
+    return weighted / weighted.sum(dim=-1, keepdim=True)
+
+
+def embed(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model.norm_pre(model._pos_embed(model.patch_embed(batch)))
+
+
+def first_layer_variances(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        x = embed(model, batch)
+        for blk in model.blocks[: LAYERS[0]]:
+            x = blk(x)
+        return reference_scores(model.blocks[LAYERS[0]], x, model.num_prefix_tokens).var(dim=-1)
+
+
+def mixed_threshold(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """A threshold halfway between the 4th and 5th variance: half the batch prunes at the first layer."""
+    variances = first_layer_variances(model, batch)
+    ordered = variances.sort().values
+    half = len(ordered) // 2
+    assert (ordered[half] - ordered[half - 1]) / ordered[half] > 1e-3, "variances too close to split safely"
+    threshold = float((ordered[half - 1] + ordered[half]) / 2)
+    return threshold, variances < threshold
+
+
+def test_registered_and_options():
+    assert "ppt" in tr.methods()
+    model = tr.patch(small_model(), "ppt", r=R, layers=LAYERS)
+    info = tr.describe(model)
+    assert info["method"] == "ppt"
+    assert info["options"] == {"r": R, "layers": LAYERS, "threshold": 7e-5, "prop_attn": True}
+    assert info["schedule"] == [0, 6, 0, 6]
+    assert info["last_forward"] == {}
+
+
+def test_threshold_zero_is_top_k_of_ats_score_in_descending_order():
+    model = small_model()
+    batch = images(3)
+    with torch.no_grad():
+        # Independent reference: score from the full attention map, top-k, descending order.
+        x = embed(model, batch)
+        for i, blk in enumerate(model.blocks):
+            if i in LAYERS:
+                scores = reference_scores(blk, x, 1)
+                keep = scores.topk(scores.shape[1] - R, dim=-1, sorted=True).indices + 1
+                x = x + blk.attn(blk.norm1(x))
+                index = torch.cat([torch.zeros(len(x), 1, dtype=torch.long), keep], dim=1)
+                x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+                x = x + blk.mlp(blk.norm2(x))
+            else:
+                x = blk(x)
+        expected = model.forward_head(model.norm(x))
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=0.0)
+        got = model(batch)
+        states = tr.trace(model, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.norm(states[-1].x), model.norm(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(states[-1].size, torch.ones_like(states[-1].size))  # pruning keeps sizes
+    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: 0.0, 3: 0.0}}
+
+
+@pytest.mark.parametrize("threshold", [1e9, math.inf])
+def test_high_threshold_is_exactly_tome(threshold):
+    model = small_model()
+    batch = images(4)
+    with torch.no_grad():
+        tr.patch(model, "tome", r=[0, R, 0, R])
+        tome_out = model(batch)
+        tome_states = tr.trace(model, batch)
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+        ppt_out = model(batch)
+        ppt_states = tr.trace(model, batch)
+    assert torch.equal(ppt_out, tome_out)
+    for ppt_state, tome_state in zip(ppt_states, tome_states, strict=True):
+        assert torch.equal(ppt_state.owner, tome_state.owner)
+        assert (ppt_state.size is None) == (tome_state.size is None)
+        if ppt_state.size is not None:
+            assert torch.equal(ppt_state.size, tome_state.size)
+    assert ppt_states[-1].size.sum(dim=1).flatten().tolist() == [37.0] * 4  # every patch is counted once
+    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: 1.0, 3: 1.0}}
+
+
+def test_mixed_batch_selects_per_image_and_matches_single_runs():
+    model = small_model()
+    batch = images(8)
+    threshold, pools = mixed_threshold(model, batch)
+    assert pools.sum() == 4
+    with torch.no_grad():
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+        together = model(batch)
+        share = tr.describe(model)["last_forward"]["pooled_share"]
+        mixed_first = tr.trace(model, batch)[LAYERS[0]]
+        alone = torch.cat([model(batch[i : i + 1]) for i in range(len(batch))])
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=0.0)
+        pruned_first = tr.trace(model, batch)[LAYERS[0]]
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=math.inf)
+        pooled_first = tr.trace(model, batch)[LAYERS[0]]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert share[LAYERS[0]] == 0.5
+    assert 0.0 <= share[LAYERS[1]] <= 1.0
+    for i, pooled in enumerate(pools.tolist()):
+        chosen, other = (pooled_first, pruned_first) if pooled else (pruned_first, pooled_first)
+        assert torch.equal(mixed_first.x[i], chosen.x[i])
+        assert torch.equal(mixed_first.size[i], chosen.size[i])
+        assert torch.equal(mixed_first.owner[i], chosen.owner[i])
+        assert not torch.equal(mixed_first.x[i], other.x[i])  # the two policies really differ
+    # Pooling conserves the patches' total size; pruning keeps N - r tokens of size 1.
+    totals = mixed_first.size.sum(dim=(1, 2))
+    assert torch.equal(totals, torch.where(pools, torch.tensor(37.0), torch.tensor(31.0)))
+
+
+def test_deit_small_token_counts_and_clamp_note():
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    tr.patch(model, "ppt", r=50, layers=(3, 6, 9), threshold=7e-5, prop_attn=True)
+    info = tr.describe(model)
+    expected_out = [197] * 3 + [147] * 3 + [97] * 3 + [49] * 3
+    assert info["tokens_out"] == expected_out
+    assert info["tokens_in"][3::3] == [197, 147, 97]
+    assert info["schedule"] == [0, 0, 0, 50, 0, 0, 50, 0, 0, 48, 0, 0]
+    assert info["notes"] == ["block 9: r=50 clamped to 48 = floor((97 tokens - 1 prefix) / 2)"]
+    with torch.no_grad():
+        states = tr.trace(model, images(2, size=224))
+    assert [s.x.shape[1] for s in states] == expected_out
+
+
+@pytest.mark.parametrize(("r", "gmacs"), [(0, 4.60), (20, 3.92), (50, 2.94), (80, 2.46), (100, 2.28)])
+def test_deit_small_analytic_gmacs_match_the_spec(r, gmacs):
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    assert round(tr.flops(tr.patch(model, "ppt", r=r)).total_gmacs, 2) == gmacs
+
+
+@pytest.mark.parametrize(("name", "num_prefix"), [("deit_base_distilled_patch16_224", 2),
+                                                  ("vit_medium_patch16_reg4_gap_256", 4)])
+@pytest.mark.parametrize("threshold", [0.0, math.inf])
+def test_prefix_tokens_survive_both_branches(name, num_prefix, threshold):
+    model = small_model(name)
+    assert model.num_prefix_tokens == num_prefix
+    batch = images(2)
+    with torch.no_grad():
+        plain = embed(model, batch)
+        for blk in model.blocks[: LAYERS[0] + 1]:
+            plain = blk(plain)
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+        states = tr.trace(model, batch)
+        model(batch)
+    policy = 1.0 if threshold == math.inf else 0.0
+    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: policy, 3: policy}}
+    # At the first reducing block the prefix rows are exactly what the unreduced block computes.
+    torch.testing.assert_close(states[LAYERS[0]].x[:, :num_prefix], plain[:, :num_prefix], atol=1e-5, rtol=1e-5)
+    for state in states[LAYERS[0]:]:
+        assert torch.equal(state.size[:, :num_prefix], torch.ones(2, num_prefix, 1))
+        owner = state.owner
+        assert bool(((owner == -1) | (owner >= num_prefix)).all())  # no patch ever lands on a prefix token
+    image_tokens = 36
+    if threshold == math.inf:  # pooling: every patch still counted once, by an image token
+        assert states[-1].size[:, num_prefix:].sum(dim=(1, 2)).tolist() == [image_tokens] * 2
+        assert bool((states[-1].owner >= num_prefix).all())
+    else:  # pruning: the dropped patches are gone
+        assert (states[-1].owner == -1).sum(dim=1).tolist() == [2 * R] * 2
+
+
+def test_r_zero_equals_unpatched_and_unpatch_restores():
+    model = small_model()
+    batch = images(2)
+    with torch.no_grad():
+        expected = model(batch)
+        original = type(model)
+        tr.patch(model, "ppt", r=0, layers=LAYERS)
+        torch.testing.assert_close(model(batch), expected, atol=1e-5, rtol=1e-5)
+        tr.patch(model, "ppt", r=R, layers=LAYERS)
+        assert not torch.allclose(model(batch), expected, atol=1e-5)
+        tr.unpatch(model)
+        assert type(model) is original
+        assert torch.equal(model(batch), expected)
+
+
+def test_per_block_r_forms_agree():
+    model = small_model()
+    batch = images(4)
+    with torch.no_grad():
+        outs = []
+        for options in ({"r": R, "layers": LAYERS}, {"r": [0, R, 0, R]}, {"r": {1: R, 3: R}}):
+            tr.patch(model, "ppt", threshold=5e-6, **options)
+            outs.append(model(batch))
+            assert tr.describe(model)["schedule"] == [0, R, 0, R]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    tr.patch(model, "ppt", r={1: 2, 2: 100})
+    info = tr.describe(model)
+    assert info["schedule"] == [0, 2, 17, 0]  # 35 tokens: at most floor(34 / 2) = 17
+    assert info["notes"] == ["block 2: r=100 clamped to 17 = floor((35 tokens - 1 prefix) / 2)"]
+
+
+def test_batch_independence_at_default_threshold():
+    model = tr.patch(small_model(), "ppt", r=R, layers=LAYERS)
+    batch = images(6, seed=3)
+    with torch.no_grad():
+        together = model(batch)
+        alone = torch.cat([model(batch[i : i + 1]) for i in range(len(batch))])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r", [2, 6, 12])
+def test_analytic_flops_match_flop_counter(r):
+    model = small_model()
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    tr.patch(model, "ppt", r=r, layers=LAYERS, threshold=5e-6)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images(1))
+    counted_gmacs = counter.get_total_flops() / 2 / 1e9
+    report = tr.flops(model)
+    assert report.overhead_gmacs > 0
+    assert abs(report.total_gmacs - counted_gmacs) / counted_gmacs < 0.01
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"r": -1}, ValueError, "-1"),
+    ({"r": 2.5}, ValueError, "2.5"),
+    ({"r": "many"}, ValueError, "'many'"),
+    ({"r": [0, 3, -2], "layers": None}, ValueError, "r\\[2\\].*-2"),
+    ({"r": {1: 3, 4: 3}, "layers": None}, ValueError, "layer 4"),
+    ({"r": [0, 3]}, ValueError, "layers=\\(1, 3\\) only with an int r"),
+    ({"layers": (1, 4)}, ValueError, "layer 4"),
+    ({"layers": (-1,)}, ValueError, "layer -1"),
+    ({"threshold": -1e-5}, ValueError, "threshold.*-1e-05"),
+    ({"threshold": float("nan")}, ValueError, "threshold.*nan"),
+    ({"threshold": "high"}, ValueError, "threshold.*'high'"),
+])
+def test_bad_input_errors_leave_model_unchanged(options, error, message):
+    model = tr.patch(small_model(), "tome", r=2)
+    patched_class = type(model)
+    with pytest.raises(error, match=message):
+        tr.patch(model, "ppt", **{"r": R, "layers": LAYERS, **options})
+    assert type(model) is patched_class
+    assert tr.describe(model)["method"] == "tome"
+
+
+def test_gradients_flow_in_train_mode():
+    model = small_model()
+    batch = images(4)
+    threshold, _ = mixed_threshold(model, batch)
+    tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold).train()
+    model(batch).logsumexp(dim=-1).sum().backward()
+    for param in (model.patch_embed.proj.weight, model.blocks[0].attn.qkv.weight, model.blocks[-1].mlp.fc2.weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert tr.describe(model)["last_forward"]["pooled_share"][1] == 0.5
+
+
+def test_bfloat16_and_autocast_run():
+    model = small_model()
+    batch = images(4)
+    threshold, _ = mixed_threshold(model, batch)
+    with torch.no_grad():
+        expected = model(batch)
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+        reference = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_out = model(batch)
+        model.to(torch.bfloat16)
+        bf16_out = model(batch.to(torch.bfloat16))
+    states = tr.trace(model, batch.to(torch.bfloat16))
+    assert bf16_out.dtype == torch.bfloat16 and bool(torch.isfinite(bf16_out).all())
+    assert states[-1].size.dtype == torch.float32 and states[-1].x.shape[1] == 25
+    for out in (autocast_out, bf16_out):
+        assert out.shape == expected.shape
+        # Same class ranking in the main: bfloat16 perturbs the values, not the method.
+        assert torch.corrcoef(torch.stack([out.float().flatten(), reference.flatten()]))[0, 1] > 0.95
