@@ -15,6 +15,7 @@ from tokenreduce.methods.base import create_method
 from tokenreduce.methods.gtp import (
     GRAPH_KEY,
     build_graph,
+    current_graph,
     normalise_graph,
     semantic_adjacency,
     sparsify_attention,
@@ -161,9 +162,28 @@ def test_default_selection_and_propagation_match_hand_computation():
     assert torch.allclose(out.x, expected_x)
     assert torch.allclose(out.size, torch.tensor([[[1.0], [1 + a * SQ2], [1 + a * 0.5], [1.0]]]))
     # The graph shrinks to G[K, K] of the kept image tokens 0, 2, 3 (no renormalisation).
-    assert torch.allclose(out.extras[GRAPH_KEY], torch.tensor([[[0, 0, 0], [0, 0, SQ2], [0, SQ2, 0]]]))
+    assert torch.allclose(current_graph(out), torch.tensor([[[0, 0, 0], [0, 0, SQ2], [0, SQ2, 0]]]))
     # Patch of image token 1 goes to its largest receiver, image token 0 (new position 1).
     assert out.owner.tolist() == [[1, 1, 2, 3]]
+
+
+def test_second_block_uses_the_sub_graph_of_the_kept_tokens():
+    method = create_method("gtp", r=1, graph="spatial")  # selection switched to cls_attn for block 1
+    state, stats = hand_state()
+    state = method.begin(state, method.plan(5, 1, 2))
+    first = method.reduce(0, state, stats, 1)  # image token 1 goes (see above)
+    # Block 1: CLS attention picks current image token 1 (block-0 token 2); in G[K, K] its only kept
+    # neighbour is block-0 token 3 (G = 1/sqrt(2 * 1)); block-0 token 0 is no longer adjacent to it.
+    method.selection = "cls_attn"
+    second = method.reduce(1, first, {"cls_attn": torch.tensor([[[0.5, 0.9, 0.1, 0.9]]])}, 1)
+    x2 = [0.1, 1.2]  # block-0 token 2 after receiving 0.1 * G[2, 1] * x1 in block 0
+    expected_x = torch.tensor([[[9.0, 9.0], [1 + 0.1 * SQ2 * 2, 0.1 * SQ2 * 4],
+                                [3 + 0.1 * SQ2 * x2[0], 3 + 0.1 * SQ2 * x2[1]]]])
+    assert torch.allclose(second.x, expected_x)
+    assert second.size[0, -1].item() == pytest.approx(1 + 0.1 * SQ2 * (1 + 0.1 * 0.5))
+    assert second.owner.tolist() == [[1, 1, 2, 2]]
+    assert torch.allclose(current_graph(second), torch.zeros(1, 2, 2))
+    assert second.extras[GRAPH_KEY] is state.extras[GRAPH_KEY]  # never rebuilt
 
 
 def test_mean_selection_two_tokens_and_owner():

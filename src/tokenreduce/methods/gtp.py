@@ -30,7 +30,10 @@ GRAPHS = ("spatial", "semantic", "mixed")
 SELECTIONS = ("mixed_attn_max", "mixed_attn_mean", "cls_attn", "col_sum", "diag", "random")
 #: Selections that read the full post-softmax attention map.
 _FULL_MAP_SELECTIONS = frozenset({"mixed_attn_max", "mixed_attn_mean", "col_sum", "diag"})
+#: ``state.extras`` keys: the graph of block 0 (``B x n0 x n0``) and, per image, the block-0 index of every
+#: current image token (``B x n``); the current graph is ``current_graph(state)``.
 GRAPH_KEY = "gtp_graph"
+ALIVE_KEY = "gtp_alive"
 
 # The spatial graph depends only on the grid: one (adjacency, normalised graph) per (grid, device).
 _SPATIAL_CACHE: dict[tuple[tuple[int, int], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,6 +117,16 @@ def build_graph(tokens: torch.Tensor, grid: tuple[int, int], kind: str = "mixed"
     return normalise_graph(adjacency)
 
 
+def current_graph(state: TokenState) -> torch.Tensor:
+    """The graph over the current image tokens, ``G[K, K]`` of every block so far (``B x n x n``).
+
+    The forward pass never builds it: it reads the few entries G[K, R] it needs from the block-0 graph.
+    """
+    graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY]
+    rows = graph.gather(1, alive.unsqueeze(-1).expand(-1, -1, graph.shape[-1]))
+    return rows.gather(2, alive.unsqueeze(1).expand(-1, alive.shape[1], -1))
+
+
 def sparsify_attention(probs: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Zero, per image and head, the attention entries strictly below the k-th smallest one,
     k = floor(N * N * (1 - sparsity)); rows are not renormalised. ``probs`` is ``B x H x N x N``."""
@@ -148,7 +161,7 @@ def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix:
         diag = reduce_heads(attn.diagonal(dim1=-2, dim2=-1)[:, :, num_prefix:])
         if selection == "diag":
             return diag
-    column = reduce_heads(attn[..., num_prefix:].sum(dim=-2))
+    column = reduce_heads(attn.sum(dim=-2)[..., num_prefix:])  # summing the contiguous map is faster
     if selection == "col_sum":
         return column
     return diag * column
@@ -239,37 +252,40 @@ class GTP(Method):
     def begin(self, state: TokenState, plan: Plan) -> TokenState:
         if not any(plan.amounts):
             return state
-        graph = build_graph(state.x[:, state.num_prefix:], state.grid, self.graph, self.k)
-        return state.replace(extras={**state.extras, GRAPH_KEY: graph})
+        image = state.x[:, state.num_prefix:]
+        graph = build_graph(image, state.grid, self.graph, self.k)
+        alive = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
+        return state.replace(extras={**state.extras, GRAPH_KEY: graph, ALIVE_KEY: alive})
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
         x, num_prefix = state.x, state.num_prefix
-        batch, num_tokens, channels = x.shape
-        graph = state.extras[GRAPH_KEY]
-        image_tokens = num_tokens - num_prefix
-        kept_count = image_tokens - amount
+        batch, num_tokens, _ = x.shape
+        graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY]
+        n0 = graph.shape[-1]
 
         scores = selection_scores(self.selection, stats, num_prefix, num_tokens, x.device, block, self.seed)
         order = scores.expand(batch, -1).argsort(dim=-1, stable=True)
-        propagated = order[:, :amount]  # indices among the image tokens
+        propagated = order[:, :amount]  # indices among the current image tokens
         kept = order[:, amount:].sort(dim=-1).values  # raster order
 
-        # Rows of the kept tokens once, then both column blocks: G[K, R] for propagation, G[K, K] for later.
-        graph_rows = graph.gather(1, kept.unsqueeze(-1).expand(-1, -1, image_tokens))
-        weights = graph_rows.gather(2, propagated.unsqueeze(1).expand(-1, kept_count, -1))
-        next_graph = graph_rows.gather(2, kept.unsqueeze(1).expand(-1, kept_count, -1))
+        # G[K, R] straight from the graph of block 0 through the original indices of the tokens alive: the
+        # sub-matrix G[K, K] the next block uses is never materialised (it is the same entries of G).
+        alive_kept, alive_propagated = alive.gather(1, kept), alive.gather(1, propagated)
+        flat_index = (alive_kept * n0).unsqueeze(-1) + alive_propagated.unsqueeze(1)
+        weights = graph.flatten(1).gather(1, flat_index.flatten(1)).view(batch, -1, amount)
 
         index = torch.cat([torch.arange(num_prefix, device=x.device).expand(batch, -1), kept + num_prefix], dim=1)
         propagated_index = propagated + num_prefix
         scaled = weights * self.alpha
         x_new = gather_tokens(x, index)
+        # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over x[K]).
         x_new[:, num_prefix:] += scaled.to(x.dtype) @ gather_tokens(x, propagated_index)
 
         size = state.size
         if self.token_scale:
             sizes = state.sizes()
             size = gather_tokens(sizes, index)
-            size[:, num_prefix:] += scaled @ gather_tokens(sizes, propagated_index).to(scaled.dtype)
+            size[:, num_prefix:] += scaled.to(size.dtype) @ gather_tokens(sizes, propagated_index)
         elif size is not None:
             size = gather_tokens(size, index)
 
@@ -283,8 +299,7 @@ class GTP(Method):
             new_index_of_old.scatter_(1, propagated_index, receiver)
             owner = remap_owner(owner, new_index_of_old)
 
-        extras = {**state.extras, GRAPH_KEY: next_graph}
-        return state.replace(x=x_new, size=size, owner=owner, extras=extras)
+        return state.replace(x=x_new, size=size, owner=owner, extras={**state.extras, ALIVE_KEY: alive_kept})
 
     # --- cost -----------------------------------------------------------------------------------
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
