@@ -1,0 +1,58 @@
+"""Speed of every method against the unreduced model on DeiT-S, CPU, with the protocol of measurement.md.
+
+    python benchmarks/speed.py                      # batch 1 and 32, writes benchmarks/results/speed.json
+    python benchmarks/speed.py --batch-sizes 1,8,32,64 --rounds 11
+
+All variants are timed interleaved in one process on the same input; the result is the median images/s of
+each and its ratio to the unreduced model, beside the GMACs ratio (the ceiling). Random weights: speed does
+not depend on the weights, except where a method's choice does (PPT's per-image policy); PPT's two branches
+both run for every image, so its cost is the same either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+
+import tokenreduce as tr
+from tokenreduce.measure.speed import environment, method_speedups
+
+SETTINGS = {
+    "unreduced": None,
+    "tome r=13": ("tome", {"r": 13}),
+    "topk keep=0.7 @3,6,9": ("topk", {"keep_rate": 0.7, "layers": (3, 6, 9)}),
+    "evit keep=0.7 @3,6,9": ("evit", {"keep_rate": 0.7, "layers": (3, 6, 9)}),
+    "gtp P=8": ("gtp", {"r": 8}),
+    "ppt r=50 @3,6,9": ("ppt", {"r": 50, "layers": (3, 6, 9)}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
+    args = parser.parse_args()
+
+    settings = {k: v for k, v in SETTINGS.items() if v is None or v[0] in tr.methods()}
+    model = timm.create_model(args.model, pretrained=False).eval()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = method_speedups(model, settings, batch_sizes, rounds=args.rounds, warmup=args.warmup)
+    print(f"{'setting':<24} {'batch':>5} {'img/s':>8} {'speed-up':>9} {'GMACs':>6} {'ceiling':>8}")
+    for row in rows:
+        print(f"{row['label']:<24} {row['batch_size']:>5} {row['images_per_s']:>8.1f} {row['speedup']:>8.2f}x "
+              f"{row['gmacs']:>6.2f} {row['gmacs_ratio']:>7.2f}x")
+    result = {"model": args.model, "protocol": "interleaved rounds, median images/s, inference_mode",
+              "rounds": args.rounds, "warmup": args.warmup, "environment": environment(), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
