@@ -1,6 +1,26 @@
-"""STViT: a learned module summarises the image tokens into a few semantic tokens (see ``model.py``)."""
+"""STViT: a learned module summarises the image tokens into a few semantic tokens (see ``model.py``;
+``swin.py`` for Swin, ``recovery.py`` for STViT-R)."""
 
-from .model import STViT, build
+from torch import nn
+
+from .model import STViT
+from .model import build as build_vit
 from .pooling import POOLINGS, TokenPooling
+from .recovery import STViTR, STViTRSwin, build_recovery
+from .swin import STViTSwin, build_swin, is_swin
 
-__all__ = ["POOLINGS", "STViT", "TokenPooling", "build"]
+
+def build(model: nn.Module, *args, recover: bool = False, **options) -> nn.Module:
+    """STViT from a timm model: ``recover=True`` gives STViT-R (``recovery.build_recovery``), a Swin model
+    ``swin.build_swin`` (``tokens_per_window=9``), any other ViT ``model.build`` (``num_semantic=16``)."""
+    if recover:
+        return build_recovery(model, *args, **options)
+    if is_swin(model):
+        return build_swin(model, *args, **options)
+    if "tokens_per_window" in options:
+        raise TypeError(f"tokens_per_window is a Swin option; {type(model).__name__} takes num_semantic")
+    return build_vit(model, *args, **options)
+
+
+__all__ = ["POOLINGS", "STViT", "STViTR", "STViTRSwin", "STViTSwin", "TokenPooling", "build", "build_recovery",
+           "build_swin", "build_vit"]
