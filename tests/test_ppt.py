@@ -241,12 +241,12 @@ def test_batch_independence_at_default_threshold():
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("r", [2, 6, 12])
-def test_analytic_flops_match_flop_counter(r):
+@pytest.mark.parametrize(("r", "threshold"), [(2, 5e-6), (6, 5e-6), (12, 5e-6), (6, 0.0), (6, math.inf)])
+def test_analytic_flops_match_flop_counter(r, threshold):
     model = small_model()
     for blk in model.blocks:
         blk.attn.fused_attn = False
-    tr.patch(model, "ppt", r=r, layers=LAYERS, threshold=5e-6)
+    tr.patch(model, "ppt", r=r, layers=LAYERS, threshold=threshold)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(images(1))
@@ -254,6 +254,28 @@ def test_analytic_flops_match_flop_counter(r):
     report = tr.flops(model)
     assert report.overhead_gmacs > 0
     assert abs(report.total_gmacs - counted_gmacs) / counted_gmacs < 0.01
+
+
+def test_overhead_is_the_score_row_and_the_similarity():
+    model = small_model()
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+
+    def counted_macs(threshold: float) -> float:
+        tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(images(1))
+        return counter.get_total_flops() / 2
+
+    # Same token counts; only the bipartite similarity (blocks entered by 37 and 31 tokens) differs.
+    similarity = (19 * 18 + 16 * 15) * 32
+    assert counted_macs(5e-6) - counted_macs(0.0) == similarity
+    score_rows = (37 + 31) * 96  # q_cls . K^T beside the fused attention
+    expected = {5e-6: score_rows + similarity, 0.0: score_rows, math.inf: similarity}
+    for threshold, macs in expected.items():
+        assert tr.flops(tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)).overhead_gmacs * 1e9 \
+            == pytest.approx(macs)
 
 
 @pytest.mark.parametrize(("options", "error", "message"), [

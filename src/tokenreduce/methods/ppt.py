@@ -48,7 +48,8 @@ class PPT(Method):
             Default 50 (the DeiT-S setting, 4.6 -> 2.9 GMACs).
         layers: the reducing blocks of an int ``r``, 0-based. Default None: (3, 6, 9), the DeiT setting.
         threshold: variance threshold of the normalised importance scores. Default 7e-5 (the authors'
-            off-the-shelf DeiT value; 6e-5 after fine-tuning). 0 always prunes, ``math.inf`` always pools.
+            off-the-shelf DeiT value; 6e-5 after fine-tuning). 0 always prunes and ``math.inf`` always pools
+            (only that branch is computed).
         prop_attn: add log(size) to the key logits of every attention once sizes exist. Default True.
             Sizes are tracked (and merges size-weighted) either way.
 
@@ -130,7 +131,13 @@ class PPT(Method):
 
     # --- forward ----------------------------------------------------------------------------------
     def needs(self, block: int, plan: Plan) -> frozenset[str]:
-        return frozenset({"cls_attn", "value_norm", "metric"}) if plan.reduces(block) else frozenset()
+        if not plan.reduces(block):
+            return frozenset()
+        if self.threshold == math.inf:  # every image pools: the scores are not needed
+            return frozenset({"metric"})
+        if self.threshold == 0.0:  # every image prunes: the merge metric is not needed
+            return frozenset({"cls_attn", "value_norm"})
+        return frozenset({"cls_attn", "value_norm", "metric"})
 
     def prop_attn(self, block: int) -> bool:
         # No bias is added while sizes are None, i.e. before the first reducing block.
@@ -144,15 +151,22 @@ class PPT(Method):
         num_prefix = state.num_prefix
         # Sizes start at 1 here; both branches must carry a real size tensor to be selected per image.
         state = state.replace(size=state.sizes())
+        # A threshold of 0 or inf fixes the policy without looking at the data (a variance is never
+        # negative): compute only that branch. Otherwise the policy is per image and known only on the
+        # device, so both branches run for the whole batch and torch.where picks, without a host sync.
+        if self.threshold == math.inf:
+            self._pooled_share[block] = torch.ones((), device=state.x.device)
+            return bipartite_merge(state, stats["metric"], amount)
         scores = importance_scores(stats, num_prefix)
-        pool = scores.var(dim=-1) < self.threshold  # B
+        order = scores.argsort(dim=-1, descending=True, stable=True)[:, : scores.shape[1] - amount]
+        pruned = keep_tokens(state, order + num_prefix)  # survivors in descending score order
+        if self.threshold == 0.0:
+            self._pooled_share[block] = torch.zeros((), device=state.x.device)
+            return pruned
+
+        pool = scores.var(dim=-1) < self.threshold  # B; unbiased variance
         self._pooled_share[block] = pool.float().mean().detach()
-
-        keep = scores.shape[1] - amount
-        order = scores.argsort(dim=-1, descending=True, stable=True)[:, :keep]
-        pruned = keep_tokens(state, order + num_prefix)
         pooled = bipartite_merge(state, stats["metric"], amount)
-
         pool_x = pool.view(-1, 1, 1)
         owner = None
         if state.owner is not None:
@@ -165,9 +179,12 @@ class PPT(Method):
 
     # --- cost -------------------------------------------------------------------------------------
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
-        # The CLS row q_cls . K^T (N * D) and the bipartite similarity (ceil(N/2) * floor(N/2) * head_dim).
+        # Per reducing block entered by n tokens: the CLS row q_cls . K^T (n * D) for the scores and the
+        # bipartite similarity (ceil(n/2) * floor(n/2) * head_dim), each unless the threshold makes it idle.
         head_dim = dim // heads
+        score_row = self.threshold != math.inf
+        similarity = self.threshold != 0.0
         return float(sum(
-            n * dim + ((n + 1) // 2) * (n // 2) * head_dim
+            score_row * n * dim + similarity * ((n + 1) // 2) * (n // 2) * head_dim
             for n, amount in zip(plan.tokens_in, plan.amounts, strict=True) if amount
         ))
