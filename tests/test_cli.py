@@ -131,7 +131,8 @@ def test_checkpoint_errors_name_file_and_keys(tmp_path):
 
     wider = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=3, embed_dim=48, num_heads=2,
                               img_size=64)
-    with pytest.raises(ValueError, match=r"43 shape mismatches \(file vs model\): blocks\.0\.attn\.proj\.bias \(48,\) vs \(32,\)"):
+    mismatch = r"43 shape mismatches \(file vs model\): blocks\.0\.attn\.proj\.bias \(48,\) vs \(32,\)"
+    with pytest.raises(ValueError, match=mismatch):
         load_checkpoint(model, save_checkpoint(wider, tmp_path / "wider.safetensors"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(model, tmp_path / "absent.pth")
