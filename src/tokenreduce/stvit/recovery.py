@@ -48,6 +48,7 @@ from .swin import (
     _stage_grids,
     check_side,
     check_swin,
+    on_model_device,
     swin_baseline_gmacs,
     vit_block_from_swin,
     window_regions,
@@ -117,6 +118,7 @@ class STViTR(nn.Module):
     """A timm ``VisionTransformer`` with STViT-R units; ``forward_features`` has the original shape (prefix
     tokens first, then the full patch grid, final norm applied), so ``forward_head`` is the host's own."""
 
+    @on_model_device
     def __init__(self, model: nn.Module, num_semantic: int = 16, units: int = 1, unit_depth: int = 6,
                  pooling: str = "learned", global_centres: bool = True) -> None:
         super().__init__()
@@ -208,6 +210,7 @@ class SwinUnit(nn.Module):
 class STViTRSwin(nn.Module):
     """A timm ``SwinTransformer`` with STViT-R units in stage 3; same ``forward_features`` shape as the host."""
 
+    @on_model_device
     def __init__(self, model: SwinTransformer, tokens_per_window: int = 9, units: int | None = None,
                  unit_depth: int = 6, pooling: str = "learned", global_centres: bool = True,
                  key_window: int | None = None) -> None:

@@ -37,7 +37,10 @@ Swin-B 11.56 (-25%): the paper's -24% / -25% / -25%.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,19 @@ from .model import GenerationLayer
 from .pooling import POOLINGS, TokenPooling, region_index
 
 SEMANTIC_STAGE = 2  # 0-based index of Swin's third stage in ``model.layers``
+
+
+def on_model_device(init: Callable) -> Callable:
+    """Runs a builder's ``__init__(self, model, ...)`` with the model's device as the default device, so new
+    layers are made where the model lives (a ``meta`` model gives a ``meta`` STViT, e.g. to count its cost)."""
+
+    @functools.wraps(init)
+    def wrapper(self: nn.Module, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        param = next(model.parameters(), None)
+        with torch.device(param.device if param is not None else "cpu"):
+            init(self, model, *args, **kwargs)
+
+    return wrapper
 
 
 def is_swin(model: nn.Module) -> bool:
@@ -350,6 +366,7 @@ class STViTSwin(nn.Module):
     fitted to the semantic grid) and ``semantic`` (:class:`WindowSemantic`).
     """
 
+    @on_model_device
     def __init__(self, model: SwinTransformer, tokens_per_window: int = 9, full_blocks: int | None = None,
                  pooling: str = "learned", global_centres: bool = True, key_window: int | None = None) -> None:
         super().__init__()
