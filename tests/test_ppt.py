@@ -75,6 +75,31 @@ def test_registered_and_options():
     assert info["last_forward"] == {}
 
 
+def test_policy_on_hand_computed_scores():
+    from tokenreduce.core.ops import bipartite_merge
+    from tokenreduce.core.state import TokenState
+    from tokenreduce.methods.ppt import PPT, importance_scores
+
+    # One image, CLS + 3 image tokens, 2 heads: the heads' CLS rows sum to 0.5 on every image token, the
+    # value norms are 1, 2, 3, so s = (1, 2, 3) / 6 with unbiased variance ((1/6)^2 + 0 + (1/6)^2) / 2 = 1/36.
+    stats = {
+        "cls_attn": torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]]),
+        "value_norm": torch.tensor([[9.0, 1.0, 2.0, 3.0]]),
+        "metric": torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]]]),
+    }
+    scores = importance_scores(stats, 1)
+    torch.testing.assert_close(scores, torch.tensor([[1 / 6, 2 / 6, 3 / 6]]))
+    torch.testing.assert_close(scores.var(dim=-1), torch.tensor([1 / 36]))
+    state = TokenState(x=torch.arange(4.0).view(1, 4, 1), owner=torch.tensor([[1, 2, 3]]), num_prefix=1)
+    pruned = PPT(r=1, threshold=0.99 / 36).reduce(0, state, stats, 1)
+    assert pruned.x.flatten().tolist() == [0.0, 3.0, 2.0]  # CLS, then the survivors by descending score
+    assert pruned.owner.tolist() == [[-1, 2, 1]] and pruned.size.flatten().tolist() == [1.0, 1.0, 1.0]
+    pooled = PPT(r=1, threshold=1.01 / 36).reduce(0, state, stats, 1)
+    expected = bipartite_merge(state.replace(size=state.sizes()), stats["metric"], 1)
+    assert pooled.x.flatten().tolist() == expected.x.flatten().tolist() == [0.0, 1.5, 3.0]
+    assert pooled.size.flatten().tolist() == [1.0, 2.0, 1.0]
+
+
 def test_threshold_zero_is_top_k_of_ats_score_in_descending_order():
     model = small_model()
     batch = images(3)
@@ -321,12 +346,28 @@ def test_bfloat16_and_autocast_run():
         reference = model(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast_out = model(batch)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half_out = model(batch)
         model.to(torch.bfloat16)
         bf16_out = model(batch.to(torch.bfloat16))
     states = tr.trace(model, batch.to(torch.bfloat16))
     assert bf16_out.dtype == torch.bfloat16 and bool(torch.isfinite(bf16_out).all())
     assert states[-1].size.dtype == torch.float32 and states[-1].x.shape[1] == 25
-    for out in (autocast_out, bf16_out):
+    assert half_out.dtype == torch.float16
+    for out in (autocast_out, half_out, bf16_out):
         assert out.shape == expected.shape
         # Same class ranking in the main: bfloat16 perturbs the values, not the method.
         assert torch.corrcoef(torch.stack([out.float().flatten(), reference.flatten()]))[0, 1] > 0.95
+
+
+def test_other_image_size_with_dynamic_img_size():
+    model = small_model(dynamic_img_size=True)
+    tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=5e-6)
+    batch = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(2))  # 8 x 10 patches
+    with torch.no_grad():
+        states = tr.trace(model, batch)
+        together = model(batch)
+        alone = torch.cat([model(batch[i : i + 1]) for i in range(2)])
+    assert [s.x.shape[1] for s in states] == [81, 75, 75, 69]
+    assert tr.describe(model, img_size=(128, 160))["tokens_out"] == [81, 75, 75, 69]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
