@@ -98,7 +98,10 @@ def test_swin_s_recovery_flops_match_the_paper():
 @pytest.mark.parametrize("kind", ["vit", "swin"])
 def test_flops_match_flop_counter(kind):
     model = tiny_vit(reg_tokens=1) if kind == "vit" else tiny_swin()
-    stvit = tr.stvit.build(model, recover=True, **({"num_semantic": 4} if kind == "vit" else {}), unit_depth=4).eval()
+    # vit: two units of 3 blocks take every block (no semantic blocks); swin: one unit of 4
+    options = {"num_semantic": 4, "units": 2, "unit_depth": 3} if kind == "vit" else {"unit_depth": 4}
+    stvit = tr.stvit.build(model, recover=True, **options).eval()
+    assert len(stvit.units) == (2 if kind == "vit" else 1)
     _no_fused(stvit)
     size = 64 if kind == "vit" else 112
     with FlopCounterMode(display=False) as counter:

@@ -158,7 +158,9 @@ class STViTR(nn.Module):
 
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image (module docstring; other layers as ``STViT.tokenreduce_flops``)."""
-        info = model_info(self.vit, img_size)
+        host = copy.copy(self.vit)  # model_info reads blocks[0]: show it one even when units take every block
+        host._modules = {**self.vit._modules, "blocks": nn.Sequential(self.units[0].full)}
+        info = model_info(host, img_size)
         dim, hidden, m, n, p = info.dim, info.mlp_hidden, self.num_semantic, info.num_patches, info.num_prefix
         costs: list[tuple[int, int, int, int]] = []
         for _ in range(len(self.vit.blocks)):
