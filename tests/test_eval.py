@@ -1,0 +1,127 @@
+"""``tokenreduce eval``: counts on a temp dataset with a broken file, label sources, and torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenreduce.cli import main
+from tokenreduce.measure.data import image_list, shard_indices
+from tokenreduce.measure.evaluate import batch_counts, summarize
+
+TINY = ["--model", "deit_tiny_patch16_224",
+        "--model-kwargs", "depth=2,embed_dim=32,num_heads=2,img_size=32,num_classes=3"]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """3 classes x 3 random images, plus one broken file in class b."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    (root / "b" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    return root
+
+
+def run_eval(tmp_path: Path, argv: list[str]) -> dict:
+    out = tmp_path / "eval.json"
+    assert main(["eval", *TINY, *argv, "--no-progress", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_batch_counts_by_hand():
+    reduced = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    unreduced = torch.tensor([[2.0, 1.0, 0.0], [3.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    counts = summarize(batch_counts(reduced, unreduced, labels))
+    assert counts["images"] == 2 and counts["labelled"] == 2
+    assert counts["top1"] == 100.0 and counts["top1_unreduced"] == 50.0
+    assert counts["agreement"] == 50.0
+    # KL(p || q) of image 2 only (image 1 is identical): p = softmax([3,1,0]), q = softmax([0,1,3]).
+    p, q = torch.tensor([3.0, 1.0, 0.0]).softmax(0), torch.tensor([0.0, 1.0, 3.0]).softmax(0)
+    expected = (p * (p / q).log()).sum().item() / 2
+    assert counts["kl_unreduced_to_reduced"] == pytest.approx(expected, rel=1e-5)
+    # Unlabelled images (-1) count for agreement but not for accuracy.
+    unlabelled = summarize(batch_counts(reduced, unreduced, torch.tensor([-1, -1])))
+    assert unlabelled["top1"] is None and unlabelled["agreement"] == 50.0
+
+
+def test_shards_cover_every_index_once():
+    shards = [shard_indices(10, rank, 3) for rank in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+    assert shards[0] == [0, 3, 6, 9]
+
+
+def test_eval_counts_broken_image(tmp_path, image_folder, capsys):
+    data = run_eval(tmp_path, ["--data", str(image_folder), "--method", "tome", "--r", "1", "--batch-size", "4"])
+    assert data["images"] == 9 and data["labelled"] == 9
+    assert data["broken"] == 1 and data["broken_files"] == [str(image_folder / "b" / "broken.jpg")]
+    for key in ("top1", "top5", "top1_unreduced", "agreement"):
+        assert 0 <= data[key] <= 100
+    assert data["top5"] == 100.0  # 3 classes: the true one is always among the top 5
+    assert data["preprocessing"]["input_size"] == [3, 32, 32]
+    printed = capsys.readouterr().out
+    assert "broken image skipped" in printed and "broken.jpg" in printed and "crop_pct" in printed
+
+
+def test_eval_unreduced_agrees_with_itself(tmp_path, image_folder):
+    data = run_eval(tmp_path, ["--data", str(image_folder), "--method", "none", "--crop-pct", "1.0",
+                               "--interpolation", "bilinear"])
+    assert data["agreement"] == 100.0 and data["top1"] == data["top1_unreduced"]
+    assert data["kl_unreduced_to_reduced"] == pytest.approx(0.0, abs=1e-6)
+    assert data["preprocessing"]["crop_pct"] == 1.0 and data["preprocessing"]["interpolation"] == "bilinear"
+
+
+def test_eval_labels_csv_and_limit(tmp_path, image_folder):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(image_folder.glob("a/*.png"))):
+        shutil.copy(path, flat / f"img{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label\nimg0.png,2\nimg1.png,0\nimg2.png,1\n")
+    files, labels, _ = image_list(flat, tmp_path / "labels.csv")
+    assert [f.name for f in files] == ["img0.png", "img1.png", "img2.png"] and labels == [2, 0, 1]
+    data = run_eval(tmp_path, ["--data", str(flat), "--labels", str(tmp_path / "labels.csv"), "--limit", "2",
+                               "--method", "tome", "--r", "1"])
+    assert data["images"] == 2 and data["broken"] == 0
+    # A folder of images without labels: agreement only.
+    data = run_eval(tmp_path, ["--data", str(flat), "--method", "tome", "--r", "1"])
+    assert data["labelled"] == 0 and data["top1"] is None and data["agreement"] is not None
+
+
+def test_eval_errors_exit_2(tmp_path, capsys):
+    assert main(["eval", *TINY, "--data", str(tmp_path / "absent"), "--method", "tome"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", *TINY, "--data", str(tmp_path / "empty"), "--method", "tome"]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_torchrun_two_processes_match_one(tmp_path, image_folder):
+    one = run_eval(tmp_path, ["--data", str(image_folder), "--method", "tome", "--r", "1", "--batch-size", "2"])
+    out = tmp_path / "two.json"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "tokenreduce.cli", "eval",
+               *TINY, "--data", str(image_folder), "--method", "tome", "--opt", "r=1", "--batch-size", "2",
+               "--no-progress", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = json.loads(out.read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("images", "labelled", "broken", "broken_files", "top1", "top5", "top1_unreduced", "agreement"):
+        assert two[key] == one[key], key
+    assert math.isclose(two["kl_unreduced_to_reduced"], one["kl_unreduced_to_reduced"], rel_tol=1e-4, abs_tol=1e-9)
