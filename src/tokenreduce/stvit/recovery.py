@@ -295,9 +295,10 @@ def build_recovery(model: nn.Module, *args, **options) -> STViTR | STViTRSwin:
     ``key_window``). ``model`` is not changed.
 
     >>> import timm, torch, tokenreduce as tr
+    >>> from tokenreduce import stvit
     >>> with torch.device("meta"):
     ...     swin = timm.create_model("swin_small_patch4_window7_224", pretrained=False)
-    ...     report = tr.flops(tr.stvit.build(swin, recover=True))
+    ...     report = tr.flops(stvit.build(swin, recover=True))
     >>> round(report.gmacs, 2), round(report.baseline_gmacs, 2)
     (5.83, 8.74)
     """

@@ -468,9 +468,10 @@ def build_swin(model: SwinTransformer, tokens_per_window: int = 9, full_blocks: 
     semantic blocks; ``key_window`` defaults to 10 for 7 x 7 windows.
 
     >>> import timm, torch, tokenreduce as tr
+    >>> from tokenreduce import stvit
     >>> with torch.device("meta"):
     ...     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
-    ...     report = tr.flops(tr.stvit.build(swin, tokens_per_window=9))
+    ...     report = tr.flops(stvit.build(swin, tokens_per_window=9))
     >>> round(report.gmacs, 2), round(report.baseline_gmacs, 2)
     (3.46, 4.49)
     """
