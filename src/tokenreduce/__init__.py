@@ -9,6 +9,7 @@ True
 """
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from . import stvit
 from .api import describe, flops, method_of, methods, patch, patched, schedule_for_flops, trace, unpatch
 from .core.state import TokenState
 from .methods.base import Method, Plan, register
@@ -27,6 +28,7 @@ __all__ = [
     "patched",
     "register",
     "schedule_for_flops",
+    "stvit",
     "trace",
     "unpatch",
 ]
