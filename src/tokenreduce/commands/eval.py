@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     reduced = _common.patch_model(copy.deepcopy(unreduced), name, options)
     config, transform = preprocessing(unreduced, args)
     num_classes = getattr(unreduced, "num_classes", 0)
+    if not num_classes:
+        raise ValueError(f"model {args.model!r} has no classifier head (num_classes=0): eval compares class "
+                         f"predictions; use a model with a head or --checkpoint with one")
     if classes and num_classes and len(classes) != num_classes:
         print(f"warning: {len(classes)} class folders but the model has {num_classes} outputs; labels are the "
               f"sorted folder indices", file=sys.stderr)
