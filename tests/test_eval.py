@@ -107,6 +107,11 @@ def test_eval_errors_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", *TINY, "--data", str(tmp_path / "empty"), "--method", "tome"]) == 2
     assert "no images found" in capsys.readouterr().err
+    headless = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "depth=1,embed_dim=32,num_heads=2,num_classes=0"]
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "x.png")
+    assert main(["eval", *headless, "--data", str(tmp_path / "one"), "--method", "tome"]) == 2
+    assert "no classifier head" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
