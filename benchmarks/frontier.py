@@ -108,10 +108,12 @@ def point_key(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached(cache_dir: Path, key: str, compute):
+def cached(cache_dir: Path, key: str, compute, only_cached: bool = False):
     path = cache_dir / "points" / f"{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
+    if only_cached:
+        return None
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(value, path)
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/tokenreduce/frontier")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="write the outputs from the points already computed (e.g. by parallel runs)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -226,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
             key = point_key({"method": name, "options": repr(options), "source": method_fingerprint(name),
                              "data": data_id, "dtype": args.dtype})
             t0 = time.time()
-            logits = cached(args.cache, key, lambda v=variant: predict(v, images, args.batch_size, dtype))
+            logits = cached(args.cache, key, lambda v=variant: predict(v, images, args.batch_size, dtype),
+                            args.cached_only)
             seconds = time.time() - t0
             speed = cached(args.cache, key + f"_speed{args.speed_batch}x{args.speed_rounds}",
                            lambda n=name, o=options: method_speedups(
                                model, {"unreduced": None, "reduced": (n, o)}, batch_sizes=(args.speed_batch,),
-                               rounds=args.speed_rounds, warmup=1, dtype=dtype))
+                               rounds=args.speed_rounds, warmup=1, dtype=dtype), args.cached_only)
+            if logits is None or speed is None:
+                result["skipped"][f"{name}@{level}"] = "not computed yet (--cached-only)"
+                continue
             reduced_row = next(row for row in speed if row["label"] == "reduced")
             point = {"method": name, "level": level, "options": options, "source": method_fingerprint(name),
                      "gmacs": report.total_gmacs,
