@@ -126,8 +126,10 @@ def write_outputs(out_dir: Path, result: dict) -> None:
     base = result["unreduced"]
     lines = [
         f"Benchmark classifier (DINOv2 ViT-S/14 + linear head, CIFAR-10 test, {result['images']} images, "
-        f"{result['settings']['dtype']}); speed ratio at batch {result['settings']['speed_batch']} on "
-        f"{result['settings']['threads']} CPU threads.",
+        f"{result['settings']['dtype']} autocast for every model); speed ratio at batch "
+        f"{result['settings']['speed_batch']}, each point timed against the unreduced model in the same run "
+        f"(interleaved, median of {result['settings']['speed_rounds']} rounds, on a shared 2-core CPU under load: "
+        f"indicative only); ceiling = GMACs ratio. KL = mean KL(unreduced || reduced).",
         "",
         "| method | options | GMACs | % of unreduced | top-1 (%) | agreement (%) | KL | speed ratio | ceiling |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
