@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import remap_owner
+from ..core.ops import gather_tokens, remap_owner
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
 
@@ -115,21 +115,6 @@ def build_graph(tokens: torch.Tensor, grid: tuple[int, int], kind: str = "mixed"
     elif kind != "semantic":
         raise ValueError(f"gtp: unknown graph {kind!r}; valid graphs: {', '.join(GRAPHS)}")
     return normalise_graph(adjacency)
-
-
-def take_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``gather_tokens`` as one ``index_select`` of whole rows: ``t`` is ``B x N x C``, ``index`` ``B x K``.
-
-    On CPU this copies contiguous rows and runs about 2.5x faster than ``gather`` with an index expanded
-    over the channels (measured on DeiT-S shapes, one thread).
-
-    >>> take_tokens(torch.arange(6.).view(1, 3, 2), torch.tensor([[2, 0]])).tolist()
-    [[[4.0, 5.0], [0.0, 1.0]]]
-    """
-    batch, num_tokens, channels = t.shape
-    offsets = torch.arange(0, batch * num_tokens, num_tokens, device=index.device).unsqueeze(1)
-    rows = t.reshape(batch * num_tokens, channels).index_select(0, (index + offsets).flatten())
-    return rows.view(batch, index.shape[1], channels)
 
 
 def current_graph(state: TokenState) -> torch.Tensor:
@@ -292,17 +277,17 @@ class GTP(Method):
         index = torch.cat([torch.arange(num_prefix, device=x.device).expand(batch, -1), kept + num_prefix], dim=1)
         propagated_index = propagated + num_prefix
         scaled = weights * self.alpha
-        x_new = take_tokens(x, index)
+        x_new = gather_tokens(x, index)
         # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over x[K]).
-        x_new[:, num_prefix:] += scaled.to(x.dtype) @ take_tokens(x, propagated_index)
+        x_new[:, num_prefix:] += scaled.to(x.dtype) @ gather_tokens(x, propagated_index)
 
         size = state.size
         if self.token_scale:
             sizes = state.sizes()
-            size = take_tokens(sizes, index)
-            size[:, num_prefix:] += scaled.to(size.dtype) @ take_tokens(sizes, propagated_index)
+            size = gather_tokens(sizes, index)
+            size[:, num_prefix:] += scaled.to(size.dtype) @ gather_tokens(sizes, propagated_index)
         elif size is not None:
-            size = take_tokens(size, index)
+            size = gather_tokens(size, index)
 
         owner = state.owner
         if owner is not None:
