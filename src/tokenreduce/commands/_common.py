@@ -81,9 +81,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    from ..methods.base import method_names
+
     group = parser.add_argument_group("method (options are passed to the method as given)")
     group.add_argument("--method", required=required, default=None if required else "none",
-                       help="a registered method (see `tokenreduce flops --list`), or 'none' for unreduced")
+                       help=f"one of {', '.join(method_names())}, or 'none' for the unreduced model")
     group.add_argument("--r", type=parse_value, default=None,
                        help="tokens removed per block: 13, a per-block list [..], or (r, inflection)")
     group.add_argument("--layers", default=None, help="blocks that reduce, e.g. 3,6,9")
