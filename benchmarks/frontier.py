@@ -104,6 +104,31 @@ def scores(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor
     }
 
 
+def source_candidates(name: str, fingerprint_log: Path | None) -> list[str]:
+    """Fingerprints the method's source has had: now, in git history, and in a log of working-tree states.
+
+    ``--cached-only`` uses them to find points computed while a method was still being edited.
+    """
+    import subprocess
+
+    current = method_fingerprint(name)
+    path = Path(inspect.getsourcefile(sys.modules[_REGISTRY[name].__module__]))
+    seen = [current]
+    try:
+        commits = subprocess.run(["git", "log", "--format=%H", "--", str(path)], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.split()
+        for commit in commits:
+            text = subprocess.run(["git", "show", f"{commit}:{path.relative_to(ROOT)}"], cwd=ROOT,
+                                  capture_output=True, text=True, check=True).stdout
+            seen.append(hashlib.sha1(text.encode()).hexdigest()[:12])
+    except (subprocess.CalledProcessError, OSError, ValueError):
+        pass
+    if fingerprint_log is not None and fingerprint_log.is_file():
+        seen += [fp for line in fingerprint_log.read_text().splitlines()
+                 for method, fp in [line.split()[:2]] if method == name]
+    return list(dict.fromkeys(seen))
+
+
 def point_key(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -190,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/tokenreduce/frontier")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the outputs from the points already computed (e.g. by parallel runs)")
+    parser.add_argument("--fingerprint-log", type=Path, default=None,
+                        help="with --cached-only: lines 'method sha1[:12]' of method sources seen while computing")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -229,8 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skip {name} at {level:.0%}: {err}", flush=True)
                 continue
             report = tr.flops(variant)
-            key = point_key({"method": name, "options": repr(options), "source": method_fingerprint(name),
+            source = method_fingerprint(name)
+            key = point_key({"method": name, "options": repr(options), "source": source,
                              "data": data_id, "dtype": args.dtype})
+            if args.cached_only and not (args.cache / "points" / f"{key}.pt").is_file():
+                for candidate in source_candidates(name, args.fingerprint_log):
+                    other = point_key({"method": name, "options": repr(options), "source": candidate,
+                                       "data": data_id, "dtype": args.dtype})
+                    if (args.cache / "points" / f"{other}.pt").is_file():
+                        key, source = other, candidate
+                        break
             t0 = time.time()
             logits = cached(args.cache, key, lambda v=variant: predict(v, images, args.batch_size, dtype),
                             args.cached_only)
@@ -243,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["skipped"][f"{name}@{level}"] = "not computed yet (--cached-only)"
                 continue
             reduced_row = next(row for row in speed if row["label"] == "reduced")
-            point = {"method": name, "level": level, "options": options, "source": method_fingerprint(name),
+            point = {"method": name, "level": level, "options": options, "source": source,
+                     "source_is_current": source == method_fingerprint(name),
                      "gmacs": report.total_gmacs,
                      "overhead_gmacs": report.overhead_gmacs, "tokens_out": [b.tokens_out for b in report.blocks],
                      **scores(logits, base_logits, labels), "speed_ratio": reduced_row["speedup"],
