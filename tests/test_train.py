@@ -153,3 +153,18 @@ def test_freeze_first_blocks_rejects_bad_counts():
     names = freeze_first_blocks(model, 2)
     assert "blocks.1.mlp.fc2.weight" in names and "pos_embed" in names and "blocks.2.mlp.fc2.weight" not in names
     assert not model.blocks[1].attn.qkv.weight.requires_grad and model.blocks[2].attn.qkv.weight.requires_grad
+
+
+def test_train_takes_the_model_and_method_flags_of_the_other_commands(tmp_path):
+    import tokenreduce as tr
+    from tokenreduce.cli import build_parser
+    from tokenreduce.commands.train import build_model
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = build_parser().parse_args([
+        "train", "--model", "deit_tiny_patch16_224", "--model-kwargs", "depth=2,img_size=64",
+        "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--method", "tome", "--opt", "r=3"])
+    model = build_model(args)
+    assert len(model.blocks) == 2 and model.num_classes == 2
+    assert tr.describe(model)["schedule"] == [3, 3]

@@ -11,6 +11,8 @@ import ast
 import os
 from pathlib import Path
 
+from ._common import parse_pairs
+
 NAME = "train"
 HELP = "fine-tune a model (plain, patched with a method, or STViT) on an ImageFolder tree"
 
@@ -23,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--img-size", type=int, default=None, help="image size passed to timm.create_model")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="another timm.create_model keyword, repeatable (e.g. --model-arg depth=6)")
+    model.add_argument("--model-kwargs", default=None, metavar="K=V,...",
+                       help="the same as a comma list, as the other commands take it (e.g. depth=6,img_size=224)")
     model.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders")
     model.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm drop_path_rate)")
     model.add_argument("--stvit", action="store_true", help="turn the model into STViT (tokenreduce.stvit.build)")
@@ -32,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--pooling", default="learned", choices=("avg", "max", "learned"))
     model.add_argument("--no-global-centres", action="store_true")
     model.add_argument("--method", default=None, help="patch a token-reduction method instead (tr.patch)")
-    model.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="a method option, repeatable (e.g. --option r=13)")
+    model.add_argument("--option", "--opt", dest="option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a method option, repeatable (e.g. --opt r=13)")
 
     run = parser.add_argument_group("training")
     run.add_argument("--data", required=True, help="ImageFolder training tree")
@@ -94,7 +98,8 @@ def build_model(args: argparse.Namespace):
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
-    kwargs = {"pretrained": False, **dict(_option(o) for o in args.model_arg)}
+    kwargs = {"pretrained": False, **dict(_option(o) for o in args.model_arg),
+              **parse_pairs(args.model_kwargs, "--model-kwargs")}
     if num_classes:
         kwargs["num_classes"] = num_classes
     if args.img_size:
