@@ -130,3 +130,39 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
     for key in ("images", "labelled", "broken", "broken_files", "top1", "top5", "top1_unreduced", "agreement"):
         assert two[key] == one[key], key
     assert math.isclose(two["kl_unreduced_to_reduced"], one["kl_unreduced_to_reduced"], rel_tol=1e-4, abs_tol=1e-9)
+
+
+def test_eval_and_bench_accept_stvit_checkpoints(tmp_path, image_folder, capsys):
+    import timm
+
+    import tokenreduce as tr
+
+    torch.manual_seed(0)
+    host = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                             img_size=32, num_classes=3)
+    build = dict(num_semantic=4, full_blocks=1, generation_layers=1)
+    trained = tr.stvit.build(host, **build)
+    with torch.no_grad():  # stand-in for training: weights that differ from the host's
+        next(p for n, p in trained.named_parameters() if n.endswith("head.weight")).add_(1.0)
+    path = tmp_path / "stvit.pth"
+    torch.save({"model": trained.state_dict()}, path)
+    stvit_flags = ["--method", "stvit", "--stvit-checkpoint", str(path)] + [f"--opt={k}={v}" for k, v in build.items()]
+
+    data = run_eval(tmp_path, ["--data", str(image_folder), *stvit_flags])
+    assert data["method"] == "stvit" and data["images"] == 9
+    assert data["gmacs"] == pytest.approx(tr.flops(trained).total_gmacs)
+    assert data["gmacs"] < data["baseline_gmacs"]
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, *stvit_flags, "--batch-sizes", "2", "--rounds", "1", "--warmup", "0",
+                 "--no-memory", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["speed_ratio"] > 0 and row["gmacs"] == pytest.approx(data["gmacs"])
+
+    # The host's own weights are not an STViT checkpoint; a method option needs its checkpoint.
+    torch.save(host.state_dict(), tmp_path / "host.pth")
+    host_flags = ["--method", "stvit", "--stvit-checkpoint", str(tmp_path / "host.pth"), *stvit_flags[4:]]
+    assert main(["eval", *TINY, "--data", str(image_folder), *host_flags, "--no-progress"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["eval", *TINY, "--data", str(image_folder), "--method", "stvit", "--no-progress"]) == 2
+    assert "--stvit-checkpoint" in capsys.readouterr().err

@@ -68,6 +68,10 @@ def parse_ints(text: str | None, flag: str) -> list[int] | None:
         raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from err
 
 
+#: The trained method: not a ``tr.patch`` method but a model built with ``tr.stvit.build`` and its checkpoint.
+STVIT = "stvit"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default,
@@ -85,7 +89,8 @@ def add_method_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
     group = parser.add_argument_group("method (options are passed to the method as given)")
     group.add_argument("--method", required=required, default=None if required else "none",
-                       help=f"one of {', '.join(method_names())}, or 'none' for the unreduced model")
+                       help=f"one of {', '.join(method_names())}, 'stvit' (a trained STViT model: give "
+                            f"--stvit-checkpoint), or 'none' for the unreduced model")
     group.add_argument("--r", type=parse_value, default=None,
                        help="tokens removed per block: 13, a per-block list [..], or (r, inflection)")
     group.add_argument("--layers", default=None, help="blocks that reduce, e.g. 3,6,9")
@@ -93,6 +98,9 @@ def add_method_arguments(parser: argparse.ArgumentParser, required: bool = True)
     group.add_argument("--threshold", type=float, default=None, help="score threshold (e.g. PPT's pooling threshold)")
     group.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="any other method option; values parsed as Python literals (repeatable)")
+    group.add_argument("--stvit-checkpoint", default=None, metavar="PATH",
+                       help="with --method stvit: the STViT weights (e.g. runs/stvit/last.pth from tokenreduce train "
+                            "--stvit), built on --model with the --opt build options (num_semantic=16, ...)")
 
 
 def method_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
@@ -109,6 +117,11 @@ def method_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]
     if args.threshold is not None:
         options["threshold"] = args.threshold
     options.update(parse_pairs(args.opt, "--opt"))
+    stvit_checkpoint = getattr(args, "stvit_checkpoint", None)
+    if (name == STVIT) != (stvit_checkpoint is not None):
+        raise ValueError("--method stvit and --stvit-checkpoint PATH go together (STViT is a trained model)")
+    if name == STVIT:
+        return name, {**options, "checkpoint": stvit_checkpoint}
     if name in (None, "none", ""):
         if options:
             raise ValueError(f"method options {sorted(options)} given with --method none")
@@ -148,9 +161,18 @@ def build_model(args: argparse.Namespace, **overrides: Any) -> nn.Module:
 
 
 def patch_model(model: nn.Module, name: str | None, options: dict[str, Any]) -> nn.Module:
-    """Patch ``model`` in place (no-op for the unreduced ``None``)."""
+    """Patch ``model`` in place (no-op for the unreduced ``None``); for ``stvit``, a new STViT model built on
+    ``model`` with the trained weights of ``options["checkpoint"]``. Use the returned model."""
     if name is None:
         return model
+    if name == STVIT:
+        from .. import stvit
+        from ..measure.checkpoint import load_checkpoint
+
+        build_options = {k: v for k, v in options.items() if k != "checkpoint"}
+        built = stvit.build(model, **build_options)
+        load_checkpoint(built, options["checkpoint"])
+        return built.eval()
     import tokenreduce as tr
 
     return tr.patch(model, name, **options)

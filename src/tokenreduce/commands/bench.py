@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     model = _common.build_model(args, **({"dynamic_img_size": True} if img_sizes else {}))
     sizes = img_sizes or [int(model.patch_embed.img_size[0])]
     label = name or "unreduced (again)"
-    settings = {"unreduced": None, label: None if name is None else (name, options)}
-    # Check the method on this model before any timing: a bad option must fail fast, model untouched.
-    _common.patch_model(copy.deepcopy(model), name, options)
+    # Build the reduced model before any timing: a bad option must fail fast, model untouched.
+    reduced_model = _common.patch_model(copy.deepcopy(model), name, options)
+    settings = {"unreduced": None, label: None if name is None else
+                reduced_model if name == _common.STVIT else (name, options)}
 
     rows = []
     print(f"model {args.model}, method {_common.describe_method(name, options)}, {args.dtype}, "
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for img_size in sizes:
         speed = method_speedups(model, settings, batch_sizes=batch_sizes, img_size=img_size, rounds=args.rounds,
                                 warmup=args.warmup, dtype=dtype)
-        variants = {"unreduced": model, label: _common.patch_model(copy.deepcopy(model), name, options)}
+        variants = {"unreduced": model, label: reduced_model}
         for batch_size in batch_sizes:
             base = next(r for r in speed if r["label"] == "unreduced" and r["batch_size"] == batch_size)
             reduced = next(r for r in speed if r["label"] == label and r["batch_size"] == batch_size)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
           f"memory: {WHAT}")
     _common.write_json(args.json, {
         "command": "bench", "model": args.model, "method": name, "options": options,
-        "describe": tr.describe(variants[label]) if name else None, "rows": rows,
+        "describe": tr.describe(variants[label]) if name and name != _common.STVIT else None, "rows": rows,
         "memory_measure": None if args.no_memory else WHAT, "rounds": args.rounds, "warmup": args.warmup,
         "environment": environment(dtype), "timings": speed,
     })

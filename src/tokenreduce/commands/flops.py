@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     name, options = _common.method_options(args)
     model = _common.build_model(args)
     base = tr.flops(model, args.img_size)
-    _common.patch_model(model, name, options)
+    model = _common.patch_model(model, name, options)
     report = tr.flops(model, args.img_size)
 
     print(f"model {args.model} at {report.img_size[0]}x{report.img_size[1]}, "

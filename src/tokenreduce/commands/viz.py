@@ -80,6 +80,9 @@ def draw(model, name: str | None, options: dict, image_path: str, out: str, bloc
 
 def run(args: argparse.Namespace) -> int:
     name, options = _common.method_options(args)
+    if name == _common.STVIT:
+        raise ValueError("viz draws where each patch went; STViT replaces the image tokens by semantic tokens, "
+                         "so there is no per-patch picture to draw")
     blocks = _common.parse_ints(args.blocks, "--blocks")
     model = _common.build_model(args)
     result = draw(model, name, options, args.image, args.out, blocks, args.crop_pct)

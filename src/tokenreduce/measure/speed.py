@@ -101,15 +101,15 @@ def compare_speed(
 
 def method_speedups(
     model: nn.Module,
-    settings: dict[str, tuple[str, dict[str, Any]] | None],
+    settings: dict[str, tuple[str, dict[str, Any]] | nn.Module | None],
     batch_sizes: Sequence[int] = (1, 32),
     img_size: int = 224,
     rounds: int = 7,
     warmup: int = 2,
     dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, Any]]:
-    """Speed of each ``settings`` entry (label -> (method, options), or None for unreduced) relative to the
-    unreduced model, per batch size, with the GMACs ratio (the ceiling) beside it.
+    """Speed of each ``settings`` entry (label -> (method, options), a ready model such as an STViT, or None for
+    unreduced) relative to the unreduced model, per batch size, with the GMACs ratio (the ceiling) beside it.
 
     Returns JSON-ready rows: label, method, options, batch size, images/s, spread, speed-up, GMACs, ceiling.
     """
@@ -117,11 +117,14 @@ def method_speedups(
     variants: dict[str, nn.Module] = {}
     gmacs: dict[str, float] = {}
     for label, setting in settings.items():
-        copy_ = copy.deepcopy(unreduced)
-        if setting is not None:
-            api.patch(copy_, setting[0], **setting[1])
-        variants[label] = copy_
-        gmacs[label] = api.flops(copy_, img_size).total_gmacs
+        if isinstance(setting, nn.Module):
+            variant = setting
+        else:
+            variant = copy.deepcopy(unreduced)
+            if setting is not None:
+                api.patch(variant, setting[0], **setting[1])
+        variants[label] = variant
+        gmacs[label] = api.flops(variant, img_size).total_gmacs
     base_label = next((label for label, s in settings.items() if s is None), None)
     if base_label is None:
         raise ValueError("settings must include the unreduced model (a label mapped to None)")
@@ -131,10 +134,12 @@ def method_speedups(
         base = timings[base_label].images_per_s
         for label, timing in timings.items():
             setting = settings[label]
+            method, options = (setting if isinstance(setting, tuple) else
+                               (None if setting is None else type(setting).__name__, {}))
             rows.append({
                 "label": label,
-                "method": None if setting is None else setting[0],
-                "options": {} if setting is None else setting[1],
+                "method": method,
+                "options": options,
                 "batch_size": batch_size,
                 "img_size": img_size,
                 "images_per_s": timing.images_per_s,
