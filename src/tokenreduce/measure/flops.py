@@ -118,3 +118,23 @@ def analytic_flops(info: ModelInfo, method: Method | None) -> FlopsReport:
         blocks=blocks,
         notes=plan.notes,
     )
+
+
+def built_model_report(method: str, info: ModelInfo, blocks: list[BlockCost], baseline_depth: int,
+                       overhead_macs: float, notes: tuple[str, ...] = ()) -> FlopsReport:
+    """The report of a model built on a plain ViT (STViT, STViT-R): the host's embedding and head, the given
+    blocks, and as baseline the host unreduced with ``baseline_depth`` full blocks."""
+    embed = info.num_patches * info.in_chans * info.patch_size[0] * info.patch_size[1] * info.dim
+    full_block = sum(block_macs(info.num_tokens, info.num_tokens, info.dim, info.mlp_hidden))
+    baseline = embed + info.head_macs + baseline_depth * full_block
+    return FlopsReport(
+        method=method,
+        img_size=(info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1]),
+        gmacs=(embed + info.head_macs) / 1e9 + sum(b.gmacs for b in blocks),
+        overhead_gmacs=overhead_macs / 1e9,
+        baseline_gmacs=baseline / 1e9,
+        embed_gmacs=embed / 1e9,
+        head_gmacs=info.head_macs / 1e9,
+        blocks=blocks,
+        notes=notes,
+    )

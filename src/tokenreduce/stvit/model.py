@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..adapters.timm_vit import _grid_for, check_supported, model_info
-from ..measure.flops import BlockCost, FlopsReport, block_macs
+from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_report
 from .pooling import POOLINGS, TokenPooling
 
 
@@ -181,23 +181,11 @@ class STViT(nn.Module):
                 attn, mlp = block_macs(m, m, dim, hidden)
                 tokens_in = tokens_out = m
             blocks.append(BlockCost(i, tokens_in, tokens_out, attn / 1e9, mlp / 1e9))
-        embed = n * info.in_chans * info.patch_size[0] * info.patch_size[1] * dim
-        baseline = embed + info.head_macs + self.depth * sum(block_macs(info.num_tokens, info.num_tokens, dim, hidden))
         # the learned scorer: 3x3 depth-wise conv (9*D per token) and the 1x1 conv to one logit (D per token)
         overhead = 10 * n * dim if self.pooling == "learned" else 0
-        img = (info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1])
-        return FlopsReport(
-            method="stvit",
-            img_size=img,
-            gmacs=(embed + info.head_macs) / 1e9 + sum(b.gmacs for b in blocks),
-            overhead_gmacs=overhead / 1e9,
-            baseline_gmacs=baseline / 1e9,
-            embed_gmacs=embed / 1e9,
-            head_gmacs=info.head_macs / 1e9,
-            blocks=blocks,
-            notes=(f"M={m} semantic tokens after {self.full_blocks} full blocks and {self.generation_layers} "
-                   f"generation layers ({self.pooling} pooling)",),
-        )
+        notes = (f"M={m} semantic tokens after {self.full_blocks} full blocks and {self.generation_layers} "
+                 f"generation layers ({self.pooling} pooling)",)
+        return built_model_report("stvit", info, blocks, self.depth, overhead, notes)
 
 
 def build(model: nn.Module, num_semantic: int = 16, full_blocks: int = 4, pooling: str = "learned",

@@ -37,12 +37,13 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..adapters.timm_vit import _grid_for, check_supported, model_info
-from ..measure.flops import BlockCost, FlopsReport, block_macs
+from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_report
 from .model import GenerationLayer
 from .pooling import POOLINGS, TokenPooling
 from .swin import (
     SEMANTIC_STAGE,
     SwinCounter,
+    SwinHosted,
     WindowSemantic,
     _check_img_size,
     _stage_grids,
@@ -174,23 +175,11 @@ class STViTR(nn.Module):
                 costs.append((m + p, m + p, *block_macs(m + p, m + p, dim, hidden)))
             costs.append((n + m, n, *RecoveryLayer.macs(n, m, dim, hidden)))
         blocks = [BlockCost(i, a, b, attn / 1e9, mlp / 1e9) for i, (a, b, attn, mlp) in enumerate(costs)]
-        embed = n * info.in_chans * info.patch_size[0] * info.patch_size[1] * dim
         depth = len(self.vit.blocks) + len(self.units) * self.unit_depth
-        baseline = embed + info.head_macs + depth * sum(block_macs(info.num_tokens, info.num_tokens, dim, hidden))
         overhead = 10 * n * dim * len(self.units) if self.pooling == "learned" else 0
-        img = (info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1])
-        return FlopsReport(
-            method="stvit-r",
-            img_size=img,
-            gmacs=(embed + info.head_macs) / 1e9 + sum(b.gmacs for b in blocks),
-            overhead_gmacs=overhead / 1e9,
-            baseline_gmacs=baseline / 1e9,
-            embed_gmacs=embed / 1e9,
-            head_gmacs=info.head_macs / 1e9,
-            blocks=blocks,
-            notes=(f"{len(self.units)} STViT-R unit(s) of {self.unit_depth} blocks + recovery, M={m} "
-                   f"({self.pooling} pooling), after {len(self.vit.blocks)} unchanged blocks",),
-        )
+        notes = (f"{len(self.units)} STViT-R unit(s) of {self.unit_depth} blocks + recovery, M={m} "
+                 f"({self.pooling} pooling), after {len(self.vit.blocks)} unchanged blocks",)
+        return built_model_report("stvit-r", info, blocks, depth, overhead, notes)
 
 
 class SwinUnit(nn.Module):
@@ -209,7 +198,7 @@ class SwinUnit(nn.Module):
         return image.reshape(batch, height, width, dim)
 
 
-class STViTRSwin(nn.Module):
+class STViTRSwin(SwinHosted):
     """A timm ``SwinTransformer`` with STViT-R units in stage 3; same ``forward_features`` shape as the host."""
 
     @on_model_device
@@ -238,19 +227,10 @@ class STViTRSwin(nn.Module):
         self.num_classes = swin.num_classes
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        swin = self.swin
-        x = swin.layers[:SEMANTIC_STAGE](swin.patch_embed(images))
-        stage = swin.layers[SEMANTIC_STAGE]
-        x = stage.blocks(stage.downsample(x))
+        x = self.swin.layers[SEMANTIC_STAGE].blocks(self.semantic_stage_input(images))
         for unit in self.units:
             x = unit(x)
-        return swin.norm(swin.layers[SEMANTIC_STAGE + 1:](x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.swin.forward_head(x, pre_logits=pre_logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+        return self.finish(x)
 
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image at the model's own image size (conventions in ``swin.py``)."""

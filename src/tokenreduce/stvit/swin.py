@@ -359,7 +359,29 @@ def swin_baseline_gmacs(model: SwinTransformer) -> float:
     return counter.gmacs
 
 
-class STViTSwin(nn.Module):
+class SwinHosted(nn.Module):
+    """What the Swin builds share: the host's stages up to the semantic stage, and the host's head."""
+
+    swin: nn.Module
+
+    def semantic_stage_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The tokens entering the semantic stage's blocks, after its patch merging (B x h x w x C)."""
+        swin = self.swin
+        x = swin.layers[:SEMANTIC_STAGE](swin.patch_embed(images))
+        return swin.layers[SEMANTIC_STAGE].downsample(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The host's later stages and final norm."""
+        return self.swin.norm(self.swin.layers[SEMANTIC_STAGE + 1:](x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.swin.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class STViTSwin(SwinHosted):
     """A timm ``SwinTransformer`` with STViT semantic tokens in stage 3; build it with :func:`build_swin`.
 
     Parts: ``swin`` (a copy of the host; stage 3 keeps its first ``full_blocks`` blocks, later stages are
@@ -411,18 +433,8 @@ class STViTSwin(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The final normed token grid, B x h x w x C (3 x 3 at 224 with k = 3)."""
-        swin = self.swin
-        x = swin.layers[:SEMANTIC_STAGE](swin.patch_embed(images))
-        stage = swin.layers[SEMANTIC_STAGE]
-        x = stage.blocks(stage.downsample(x))
-        x = self.to_grid(self.semantic(x), tuple(x.shape[1:3]))
-        return swin.norm(swin.layers[SEMANTIC_STAGE + 1:](x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.swin.forward_head(x, pre_logits=pre_logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
+        x = self.swin.layers[SEMANTIC_STAGE].blocks(self.semantic_stage_input(images))
+        return self.finish(self.to_grid(self.semantic(x), tuple(x.shape[1:3])))
 
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image at the model's own image size (conventions in the module docstring)."""
