@@ -61,7 +61,9 @@ def attention(
 
     full_map = "attn" in need or transform is not None or not getattr(attn, "fused_attn", True)
     if full_map:
-        logits = _add_bias((q * attn.scale) @ k.transpose(-2, -1), bias)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits += bias  # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
         probs = logits.softmax(dim=-1)
         if transform is not None:
             probs = transform(probs)
