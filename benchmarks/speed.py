@@ -12,10 +12,15 @@ both run for every image, so its cost is the same either way.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import timm
+import torch
 
 import tokenreduce as tr
 from tokenreduce.measure.speed import environment, method_speedups
@@ -28,6 +33,45 @@ SETTINGS = {
     "gtp P=8": ("gtp", {"r": 8}),
     "ppt r=50 @3,6,9": ("ppt", {"r": 50, "layers": (3, 6, 9)}),
 }
+
+
+def gtp_breakdown(model: torch.nn.Module, batch_size: int = 32, rounds: int = 3) -> dict:
+    """Share of a GTP forward pass spent building the graph, scoring the tokens, and in the whole reduce step
+    (scores + propagation + gathers), timed by wrapping those functions of one patched copy."""
+    from tokenreduce.methods import gtp
+
+    patched = tr.patch(copy.deepcopy(model), "gtp", r=8)
+    method = tr.method_of(patched)
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    original_scores = gtp.selection_scores
+    method.begin = timed("graph", method.begin)
+    method.reduce = timed("reduce", method.reduce)
+    gtp.selection_scores = timed("selection", original_scores)
+    images = torch.randn(batch_size, 3, 224, 224)
+    shares = defaultdict(list)
+    try:
+        with torch.inference_mode():
+            patched(images)  # warm-up
+            for _ in range(rounds):
+                spent.clear()
+                start = time.perf_counter()
+                patched(images)
+                total = time.perf_counter() - start
+                for name in ("graph", "selection", "reduce"):
+                    shares[name].append(spent[name] / total)
+    finally:
+        gtp.selection_scores = original_scores
+    return {"batch_size": batch_size, "rounds": rounds,
+            "share_of_forward": {name: statistics.median(v) for name, v in shares.items()}}
 
 
 def main() -> None:
@@ -49,6 +93,10 @@ def main() -> None:
               f"{row['gmacs']:>6.2f} {row['gmacs_ratio']:>7.2f}x")
     result = {"model": args.model, "protocol": "interleaved rounds, median images/s, inference_mode",
               "rounds": args.rounds, "warmup": args.warmup, "environment": environment(), "rows": rows}
+    if "gtp" in tr.methods():
+        result["gtp_breakdown"] = gtp_breakdown(model)
+        print("GTP P=8, batch 32, share of the forward pass: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in result["gtp_breakdown"]["share_of_forward"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
