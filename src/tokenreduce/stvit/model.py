@@ -36,6 +36,12 @@ from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_repo
 from .pooling import POOLINGS, TokenPooling
 
 
+def _copy_modules(target: nn.Module, source: nn.Module, names: tuple[str, ...]) -> None:
+    """Give ``target`` its own copies of the named submodules of a pre-trained ``source``."""
+    for name in names:
+        setattr(target, name, copy.deepcopy(getattr(source, name)))
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with separate query and key/value inputs, initialised from a timm ``Attention``
     (q from the q third of ``qkv``, k and v from the other two; qk-norm and output projection copied)."""
@@ -54,12 +60,7 @@ class CrossAttention(nn.Module):
             if bias:
                 self.q.bias.copy_(attn.qkv.bias[:attn_dim])
                 self.kv.bias.copy_(attn.qkv.bias[attn_dim:])
-        self.q_norm = copy.deepcopy(attn.q_norm)
-        self.k_norm = copy.deepcopy(attn.k_norm)
-        self.attn_drop = copy.deepcopy(attn.attn_drop)
-        self.norm = copy.deepcopy(attn.norm)
-        self.proj = copy.deepcopy(attn.proj)
-        self.proj_drop = copy.deepcopy(attn.proj_drop)
+        _copy_modules(self, attn, ("q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"))
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, num_q, _ = queries.shape
@@ -83,14 +84,8 @@ class GenerationLayer(nn.Module):
 
     def __init__(self, block: Block) -> None:
         super().__init__()
-        self.norm1 = copy.deepcopy(block.norm1)
         self.attn = CrossAttention(block.attn)
-        self.ls1 = copy.deepcopy(block.ls1)
-        self.drop_path1 = copy.deepcopy(block.drop_path1)
-        self.norm2 = copy.deepcopy(block.norm2)
-        self.mlp = copy.deepcopy(block.mlp)
-        self.ls2 = copy.deepcopy(block.ls2)
-        self.drop_path2 = copy.deepcopy(block.drop_path2)
+        _copy_modules(self, block, ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor,
                 query_offset: torch.Tensor | None = None) -> torch.Tensor:

@@ -253,19 +253,10 @@ class STViTRSwin(SwinHosted):
                 s = layers[-1][1]
                 counter.add(n + s, n, *RecoveryLayer.macs(n, s, unit.semantic.dim, unit.semantic.hidden))
                 overhead += pool
-        return FlopsReport(
-            method="stvit-r-swin",
-            img_size=img,
-            gmacs=counter.gmacs,
-            overhead_gmacs=overhead / 1e9,
-            baseline_gmacs=self.baseline_gmacs,
-            embed_gmacs=counter.embed / 1e9,
-            head_gmacs=counter.head / 1e9,
-            blocks=counter.blocks,
-            notes=(f"stage 3: {len(swin.layers[SEMANTIC_STAGE].blocks)} unchanged blocks, {len(self.units)} unit(s) "
-                   f"of {self.unit_depth} blocks + recovery; {self.tokens_per_window} tokens per window "
-                   f"({self.pooling} pooling)",),
-        )
+        notes = (f"stage 3: {len(swin.layers[SEMANTIC_STAGE].blocks)} unchanged blocks, {len(self.units)} unit(s) "
+                 f"of {self.unit_depth} blocks + recovery; {self.tokens_per_window} tokens per window "
+                 f"({self.pooling} pooling)",)
+        return counter.report("stvit-r-swin", img, self.baseline_gmacs, overhead, notes)
 
 
 def build_recovery(model: nn.Module, *args, **options) -> STViTR | STViTRSwin:

@@ -348,6 +348,13 @@ class SwinCounter:
     def gmacs(self) -> float:
         return (self.embed + self.head + self.other) / 1e9 + sum(b.gmacs for b in self.blocks)
 
+    def report(self, method: str, img_size: tuple[int, int], baseline_gmacs: float, overhead_macs: float,
+               notes: tuple[str, ...]) -> FlopsReport:
+        """The cost report of the blocks counted so far."""
+        return FlopsReport(method=method, img_size=img_size, gmacs=self.gmacs, overhead_gmacs=overhead_macs / 1e9,
+                           baseline_gmacs=baseline_gmacs, embed_gmacs=self.embed / 1e9,
+                           head_gmacs=self.head / 1e9, blocks=self.blocks, notes=notes)
+
 
 def swin_baseline_gmacs(model: SwinTransformer) -> float:
     """Unreduced analytic GMACs of a timm Swin at its own image size (conventions in the module docstring)."""
@@ -456,20 +463,11 @@ class STViTSwin(SwinHosted):
                 for layer in layers:
                     counter.add(*layer)
                 grid = self.semantic_grid
-        return FlopsReport(
-            method="stvit-swin",
-            img_size=img,
-            gmacs=counter.gmacs,
-            overhead_gmacs=overhead / 1e9,
-            baseline_gmacs=self.baseline_gmacs,
-            embed_gmacs=counter.embed / 1e9,
-            head_gmacs=counter.head / 1e9,
-            blocks=counter.blocks,
-            notes=(f"stage 3: {self.full_blocks} full blocks, 2 generation layers, "
-                   f"{len(self.semantic.semantic_blocks)} semantic blocks; {self.tokens_per_window} tokens per "
-                   f"window ({self.pooling} pooling); stage 4 on a {self.semantic_grid[0]}x{self.semantic_grid[1]} "
-                   "semantic grid",),
-        )
+        notes = (f"stage 3: {self.full_blocks} full blocks, 2 generation layers, "
+                 f"{len(self.semantic.semantic_blocks)} semantic blocks; {self.tokens_per_window} tokens per "
+                 f"window ({self.pooling} pooling); stage 4 on a {self.semantic_grid[0]}x{self.semantic_grid[1]} "
+                 "semantic grid",)
+        return counter.report("stvit-swin", img, self.baseline_gmacs, overhead, notes)
 
 
 def build_swin(model: SwinTransformer, tokens_per_window: int = 9, full_blocks: int | None = None,
