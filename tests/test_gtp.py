@@ -260,12 +260,12 @@ def test_sparsity_zeroes_the_expected_fraction_without_renormalising():
 
 def test_sparsity_applies_only_below_one_and_only_where_tokens_go():
     method = create_method("gtp", r=[2, 0, 2])
-    method.plan(17, 1, 3)
-    assert method.attn_transform(0) is None  # theta = 1: off
+    plan = method.plan(17, 1, 3)
+    assert method.attn_transform(0, plan) is None  # theta = 1: off
     sparse = create_method("gtp", r=[2, 0, 2], sparsity=0.6)
-    sparse.plan(17, 1, 3)
-    assert sparse.attn_transform(0) is not None and sparse.attn_transform(2) is not None
-    assert sparse.attn_transform(1) is None
+    plan = sparse.plan(17, 1, 3)
+    assert sparse.attn_transform(0, plan) is not None and sparse.attn_transform(2, plan) is not None
+    assert sparse.attn_transform(1, plan) is None
     model = small_deit()
     x = images()
     with torch.no_grad():

@@ -124,7 +124,7 @@ def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Metho
     for i, blk in enumerate(model.blocks):
         needs = method.needs(i, plan) if method is not None else ()
         bias = state.size_bias() if method is not None and method.prop_attn(i) else None
-        transform = method.attn_transform(i) if method is not None else None
+        transform = method.attn_transform(i, plan) if method is not None else None
         h, stats = attention(blk.attn, blk.norm1(state.x), bias, needs, has_cls, transform)
         state = state.replace(x=state.x + blk.drop_path1(blk.ls1(h)))
         if plan is not None and plan.reduces(i):

@@ -59,7 +59,10 @@ def attention(
     bias = None if size_bias is None else size_bias.to(q.dtype)
     stats: dict[str, torch.Tensor] = {}
 
-    full_map = "attn" in need or transform is not None or not getattr(attn, "fused_attn", True)
+    # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
+    # once and take the output from it rather than a second Q K^T beside the fused kernel.
+    full_map = ("attn" in need or transform is not None or not getattr(attn, "fused_attn", True)
+                or ("cls_attn" in need and not has_cls))
     if full_map:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -76,12 +79,8 @@ def attention(
         dropout = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         if "cls_attn" in need:
-            if has_cls:
-                row = _add_bias((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1), bias)
-                stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
-            else:
-                probs = _add_bias((q * attn.scale) @ k.transpose(-2, -1), bias).softmax(dim=-1)
-                stats["cls_attn"] = probs.mean(dim=2)
+            row = _add_bias((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1), bias)
+            stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
     if "metric" in need:
         stats["metric"] = k.mean(dim=1)
     if "value_norm" in need:

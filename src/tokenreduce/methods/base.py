@@ -195,7 +195,7 @@ class Method:
         """Whether the attention of ``block`` adds log(size) to the key logits."""
         return False
 
-    def attn_transform(self, block: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def attn_transform(self, block: int, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """An optional change of the post-softmax map (forces the full-map attention)."""
         return None
 

@@ -215,9 +215,6 @@ class GTP(Method):
             raise TypeError(f"{self.name}: seed must be an integer, got {seed!r}")
         self.r, self.graph, self.k, self.alpha = r, graph, k, float(alpha)
         self.selection, self.token_scale, self.sparsity, self.seed = selection, token_scale, float(sparsity), seed
-        # Blocks with r > 0 for the model depth last planned: where the sparsification acts. A function of the
-        # depth only (not per-forward state), so r=0 blocks keep the fused, unchanged attention.
-        self._reducing_blocks: frozenset[int] = frozenset()
 
     # --- schedule -------------------------------------------------------------------------------
     def amounts(self, depth: int) -> list[int]:
@@ -229,7 +226,6 @@ class GTP(Method):
         if any(plan.amounts) and self.graph != "spatial" and self.k >= image_tokens:
             raise ValueError(f"{self.name}: the {self.graph} graph needs k < {image_tokens} image tokens, "
                              f"got k={self.k}")
-        self._reducing_blocks = frozenset(i for i, amount in enumerate(plan.amounts) if amount)
         return plan
 
     # --- forward hooks --------------------------------------------------------------------------
@@ -243,8 +239,9 @@ class GTP(Method):
     def prop_attn(self, block: int) -> bool:
         return self.token_scale
 
-    def attn_transform(self, block: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.sparsity >= 1.0 or block not in self._reducing_blocks:
+    def attn_transform(self, block: int, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        # Only where tokens go, so r=0 blocks keep the fused, unchanged attention.
+        if self.sparsity >= 1.0 or not plan.reduces(block):
             return None
         sparsity = self.sparsity
         return lambda probs: sparsify_attention(probs, sparsity)
