@@ -149,8 +149,11 @@ class Method:
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._plans: dict[tuple[int, int, int], Plan] = {}
-        #: Diagnostics of the most recent forward pass (never read by the forward pass itself).
-        self.last_forward: dict[str, Any] = {}
+
+    @property
+    def last_forward(self) -> dict[str, Any]:
+        """Diagnostics of the most recent forward pass, as plain numbers (never read by the forward pass)."""
+        return {}
 
     # --- schedule -------------------------------------------------------------------------------
     def amounts(self, depth: int) -> list[int]:

@@ -109,11 +109,6 @@ class PPT(Method):
             return {}
         return {"pooled_share": {block: float(share) for block, share in self._pooled_share.items()}}
 
-    @last_forward.setter
-    def last_forward(self, value: dict[str, Any]) -> None:
-        # The base class initialises it to {}; the diagnostics themselves live in ``_pooled_share``.
-        self._pooled_share = dict(value.get("pooled_share", {}))
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.last_forward}
 
