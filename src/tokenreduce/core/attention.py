@@ -1,6 +1,15 @@
-"""Multi-head self-attention that adds the log-size bias and returns exactly the statistics asked for.
+"""Multi-head attention, self or cross, that adds the log-size bias and returns exactly the statistics asked for.
 
-Statistics a method may ask for (by name):
+One stateless kernel (like ``torch.nn.functional``) for every attention the library runs: the ViT adapter's
+blocks (self-attention), STViT's generation and recovery layers (queries from one token set, keys and values
+from another) and the Swin semantic blocks. The module passed in only supplies weights, read by name:
+
+- projections: a fused ``qkv`` Linear (timm's ``Attention``, Swin's ``WindowAttention``) or separate ``q`` and
+  ``kv`` Linears; with a fused ``qkv`` and a separate ``context`` its weight is split into the q and kv thirds;
+- ``num_heads``, ``scale``, ``proj``, ``attn_drop``, ``proj_drop``; optional ``q_norm``, ``k_norm`` (qk-norm),
+  ``norm`` (scale-norm), ``gate``, ``fused_attn`` (default True).
+
+Statistics a method may ask for (by name; over the key tokens, from the queries):
 
 - ``"metric"``: the keys averaged over heads, ``B x N x d_head`` (ToMe's similarity metric).
 - ``"cls_attn"``: post-softmax attention of the CLS query, ``B x H x N``; for a model without a CLS
@@ -27,6 +36,42 @@ def _add_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return logits if bias is None else logits + bias
 
 
+def _maybe(module: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    fn = getattr(module, name, None)
+    return t if fn is None else fn(t)
+
+
+def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries from ``x`` (``B x N x C``), keys and values from ``context`` (``B x M x C``; ``x`` when None),
+    each ``B x H x tokens x d_head``, after qk-norm.
+
+    >>> from timm.layers import Attention
+    >>> attn = Attention(8, num_heads=2)
+    >>> x = torch.randn(1, 3, 8)
+    >>> q, k, v = project(attn, x)
+    >>> q2, k2, v2 = project(attn, x[:, :1], context=x)  # the fused qkv weight split into q and kv
+    >>> tuple(q2.shape), tuple(k2.shape), torch.allclose(q2, q[:, :, :1], atol=1e-6)
+    ((1, 2, 1, 4), (1, 2, 3, 4), True)
+    """
+    batch, num_q, _ = x.shape
+    heads = attn.num_heads
+    qkv = getattr(attn, "qkv", None)
+    if qkv is not None and (context is None or context is x):  # self-attention: one fused projection
+        q, k, v = qkv(x).reshape(batch, num_q, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        context = x if context is None else context
+        if qkv is not None:
+            width = qkv.out_features // 3
+            bias_q, bias_kv = (None, None) if qkv.bias is None else (qkv.bias[:width], qkv.bias[width:])
+            q, kv = F.linear(x, qkv.weight[:width], bias_q), F.linear(context, qkv.weight[width:], bias_kv)
+        else:
+            q, kv = attn.q(x), attn.kv(context)
+        q = q.reshape(batch, num_q, heads, -1).transpose(1, 2)
+        k, v = kv.reshape(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return _maybe(attn, "q_norm", q), _maybe(attn, "k_norm", k), v
+
+
 def attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -34,16 +79,20 @@ def attention(
     need: Collection[str] = (),
     has_cls: bool = True,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run a timm ``Attention`` module on ``x`` (``B x N x C``) with an optional log-size bias.
+    """Attention from the queries ``x`` (``B x N x C``) to ``context`` (``B x M x C``; None: ``x`` itself,
+    self-attention), with an optional log-size bias on the keys.
 
     Args:
-        attn: a timm ``Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``, ...).
-        size_bias: ``B x 1 x 1 x N`` added to the logits of every query (log of the token sizes).
+        attn: the module holding the weights (see the module doc): a timm ``Attention``, or any module with
+            ``q`` and ``kv`` Linears (STViT's cross attention).
+        size_bias: ``B x 1 x 1 x M`` added to the logits of every query (log of the key tokens' sizes).
         need: names of the statistics to return (see the module doc).
-        has_cls: whether token 0 is a CLS token (for ``cls_attn``).
+        has_cls: whether query 0 is a CLS token (for ``cls_attn``).
         transform: applied to the full post-softmax map before it is used (e.g. GTP's sparsification);
             implies the unfused path.
+        context: the key/value input; None for self-attention.
 
     Returns:
         The projected attention output (``B x N x C``) and a dict with the statistics asked for.
@@ -51,11 +100,8 @@ def attention(
     unknown = set(need) - STATISTICS
     if unknown:
         raise ValueError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
-    batch, num_tokens, _ = x.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    batch, num_q, _ = x.shape
+    q, k, v = project(attn, x, context)
     bias = None if size_bias is None else size_bias.to(q.dtype)
     stats: dict[str, torch.Tensor] = {}
 
@@ -84,9 +130,9 @@ def attention(
     if "metric" in need:
         stats["metric"] = k.mean(dim=1)
     if "value_norm" in need:
-        stats["value_norm"] = v.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim).norm(dim=-1)
+        stats["value_norm"] = v.transpose(1, 2).reshape(batch, v.shape[2], -1).norm(dim=-1)
 
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim))
+    out = _maybe(attn, "norm", out.transpose(1, 2).reshape(batch, num_q, -1))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
     return attn.proj_drop(attn.proj(out)), stats

@@ -26,12 +26,12 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..adapters.timm_vit import _grid_for, check_supported, model_info
+from ..core.attention import attention
 from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_report
 from .pooling import POOLINGS, TokenPooling
 
@@ -50,7 +50,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         dim, attn_dim = attn.qkv.in_features, attn.attn_dim
         bias = attn.qkv.bias is not None
-        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.num_heads, self.scale = attn.num_heads, attn.scale
         self.fused_attn = attn.fused_attn
         self.q = nn.Linear(dim, attn_dim, bias=bias)
         self.kv = nn.Linear(dim, 2 * attn_dim, bias=bias)
@@ -63,19 +63,7 @@ class CrossAttention(nn.Module):
         _copy_modules(self, attn, ("q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"))
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        batch, num_q, _ = queries.shape
-        num_kv = context.shape[1]
-        q = self.q(queries).reshape(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(context).reshape(batch, num_kv, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
-        x = self.norm(x.transpose(1, 2).reshape(batch, num_q, -1))
-        return self.proj_drop(self.proj(x))
+        return attention(self, queries, context=context)[0]
 
 
 class GenerationLayer(nn.Module):

@@ -43,12 +43,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..core.attention import attention
 from ..measure.flops import BlockCost, FlopsReport
 from .model import GenerationLayer
 from .pooling import POOLINGS, TokenPooling, region_index
@@ -186,14 +186,7 @@ class SemanticBlock(nn.Module):
         batch, count, dim = x.shape
         if self.group is not None:
             x = x.reshape(batch * count // self.group, self.group, dim)
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            out = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
-        return out.reshape(batch, count, -1)
+        return attention(self, x)[0].reshape(batch, count, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.attend(self.norm1(x)))
