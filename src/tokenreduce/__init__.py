@@ -10,7 +10,19 @@ True
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from . import stvit
-from .api import describe, flops, method_of, methods, patch, patched, schedule_for_flops, trace, unpatch
+from .api import (
+    describe,
+    diagnostics,
+    flops,
+    method_of,
+    methods,
+    patch,
+    patched,
+    restore,
+    schedule_for_flops,
+    trace,
+    unpatch,
+)
 from .core.state import TokenState
 from .methods.base import Method, Plan, register
 
@@ -21,12 +33,14 @@ __all__ = [
     "Plan",
     "TokenState",
     "describe",
+    "diagnostics",
     "flops",
     "method_of",
     "methods",
     "patch",
     "patched",
     "register",
+    "restore",
     "schedule_for_flops",
     "stvit",
     "trace",

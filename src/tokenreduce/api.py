@@ -1,4 +1,5 @@
-"""The public API: patch, unpatch, patched, methods, describe, flops, schedule_for_flops, trace."""
+"""The public API: patch, unpatch, patched, methods, describe, flops, schedule_for_flops, trace, restore,
+diagnostics."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import torch
 from torch import nn
 
 from .adapters import timm_vit
+from .core.cost import FlopsReport, analytic_flops
+from .core.ops import restore
 from .core.state import TokenState
-from .measure.flops import FlopsReport, analytic_flops
 from .methods.base import Method, create_method, method_names
+
+__all__ = ["describe", "diagnostics", "flops", "method_of", "methods", "patch", "patched", "restore",
+           "schedule_for_flops", "trace", "unpatch"]
 
 
 @dataclass
@@ -107,8 +112,7 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
     """The method, its options, the resolved per-block schedule and the token counts per block.
 
     ``tokens_in[i]`` enter block i; its MLP runs on ``tokens_out[i]``. ``notes`` says where the method's own
-    definition clamped the schedule; ``last_forward`` holds diagnostics of the latest forward pass (e.g.
-    PPT's share of images that pooled per block).
+    definition clamped the schedule. Diagnostics of a forward pass come from :func:`diagnostics`.
     """
     timm_vit.check_supported(model)
     info = timm_vit.model_info(model, img_size)
@@ -123,12 +127,10 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
         "tokens_in": [b.tokens_in for b in report.blocks],
         "tokens_out": [b.tokens_out for b in report.blocks],
         "notes": list(report.notes),
-        "last_forward": {},
     }
     if method is not None:
         plan = method.plan(info.num_tokens, info.num_prefix, info.depth)
         out["schedule"] = list(plan.amounts)
-        out["last_forward"] = dict(method.last_forward)
         out.update({k: v for k, v in method.describe().items() if k not in out})
     return out
 
@@ -191,13 +193,33 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
                      f"(unreduced {cost(0):.3f}); try a larger target")
 
 
-def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True) -> list[TokenState]:
-    """Run ``model`` as patched now and return the token state after every block (for pictures).
+def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dense: bool = True) -> list[TokenState]:
+    """Run ``model`` as patched now and return the token state after every block (before the final norm).
 
-    Each state has ``owner`` (which token holds every input patch) when ``track_owner`` is on.
+    Each state has ``owner`` (which token holds every input patch) when ``track_owner`` is on, and with
+    ``dense`` what :func:`restore` needs to rebuild the full token grid at that block.
+
+    >>> import timm, torch, tokenreduce as tr
+    >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224", depth=2), "tome", r=50)
+    >>> states = tr.trace(model, torch.randn(1, 3, 224, 224))
+    >>> [s.x.shape[1] for s in states], tuple(tr.restore(states[-1]).shape)
+    ([147, 97], (1, 197, 192))
     """
     timm_vit.check_supported(model)
     states: list[TokenState] = []
-    timm_vit.forward_tokens(model, images, method_of(model), track_owner=track_owner,
+    timm_vit.forward_tokens(model, images, method_of(model), track_owner=track_owner, dense=dense,
                             on_block=lambda i, s: states.append(s))
     return states
+
+
+def diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """What the patched method did on ``images``, as plain numbers (one traced forward pass; nothing is read
+    from or written to the model): PPT ``{"pooled_share": {block: share of images that pooled}}``, GTP the
+    size of its graph. ``{}`` for an unpatched model or a method without diagnostics.
+    """
+    method = method_of(model)
+    if method is None:
+        timm_vit.check_supported(model)
+        return {}
+    with torch.no_grad():
+        return method.diagnostics(trace(model, images, track_owner=False, dense=False))

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.layers import Attention
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..core.attention import attention
+from ..core.ops import restore
 from ..core.state import TokenState
-from ..methods.base import Method, Plan
 
 POOLS = ("token", "avg", "max", "avgmax")
 
@@ -69,7 +71,8 @@ def check_supported(model: nn.Module) -> None:
         raise TypeError(f"tokenreduce cannot patch this model: {reason}")
 
 
-def _grid_for(model: VisionTransformer, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+def grid_for(model: VisionTransformer, img_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (h, w) patch grid of an input of ``img_size`` (the model's own size when None)."""
     patch = model.patch_embed
     if img_size is None:
         return tuple(patch.grid_size)
@@ -92,7 +95,7 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
         has_cls=model.cls_token is not None,
         patch_size=tuple(model.patch_embed.patch_size),
         in_chans=model.patch_embed.proj.in_channels,
-        grid=_grid_for(model, img_size),
+        grid=grid_for(model, img_size),
         head_macs=head_macs,
     )
 
@@ -100,28 +103,36 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
 BlockHook = Callable[[int, TokenState], None]
 
 
-def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Method | None,
-                   track_owner: bool = False, on_block: BlockHook | None = None) -> TokenState:
-    """Embed ``images`` and run every block with ``method``; returns the final (normed) token state.
+def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
+    """The tokens entering block 0 (patch embedding, position embedding with the prefix tokens, patch
+    dropout, pre-norm) as an unreduced ``TokenState`` with the patch grid and the prefix count.
 
-    ``on_block(i, state)`` sees the state after block i's reduction (for pictures and tests).
+    >>> import timm, torch
+    >>> state = embed(timm.create_model("deit_tiny_patch16_224"), torch.zeros(1, 3, 224, 224))
+    >>> tuple(state.x.shape), state.grid, state.num_prefix
+    ((1, 197, 192), (14, 14), 1)
     """
     x = model.patch_embed(images)
-    grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(_grid_for(model, tuple(images.shape[-2:])))
+    grid = tuple(x.shape[1:3]) if x.ndim == 4 else grid_for(model, tuple(images.shape[-2:]))
     x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
-    batch, num_tokens = x.shape[:2]
-    num_prefix = model.num_prefix_tokens
-    owner = None
-    if track_owner:
-        owner = torch.arange(num_prefix, num_tokens, device=x.device).expand(batch, -1).clone()
-    state = TokenState(x=x, owner=owner, num_prefix=num_prefix, grid=grid)
-    has_cls = model.cls_token is not None
+    return TokenState(x=x, num_prefix=model.num_prefix_tokens, grid=grid)
 
-    plan: Plan | None = None
+
+def run_blocks(model: VisionTransformer, state: TokenState, method: Any = None, on_block: BlockHook | None = None,
+               stop: int | None = None) -> TokenState:
+    """Run blocks 0..``stop`` (all by default) on ``state`` with ``method`` (None: unreduced); returns the state
+    after the last one, before the final norm. ``on_block(i, state)`` sees the state after block i.
+
+    The method is used only through its hooks (``plan``, ``begin``, ``needs``, ``prop_attn``,
+    ``attn_transform``, ``reduce``): this adapter knows no method.
+    """
+    has_cls = model.cls_token is not None
+    blocks = model.blocks if stop is None else model.blocks[: stop + 1]
+    plan = None
     if method is not None:
-        plan = method.plan(num_tokens, num_prefix, len(model.blocks))
+        plan = method.plan(state.num_tokens, state.num_prefix, len(model.blocks))
         state = method.begin(state, plan)
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(blocks):
         needs = method.needs(i, plan) if method is not None else ()
         bias = state.size_bias() if method is not None and method.prop_attn(i) else None
         transform = method.attn_transform(i, plan) if method is not None else None
@@ -132,31 +143,93 @@ def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Metho
         state = state.replace(x=state.x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(state.x)))))
         if on_block is not None:
             on_block(i, state)
+    return state
+
+
+def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Any = None, track_owner: bool = False,
+                   dense: bool = False, on_block: BlockHook | None = None) -> TokenState:
+    """Embed ``images`` and run every block with ``method``; returns the final state with the final norm on
+    ``x``. ``track_owner`` tracks which token carries every patch; ``dense`` also what :func:`restore` needs."""
+    state = embed(model, images)
+    if track_owner or dense:
+        state = state.tracked(dense=dense)
+    state = run_blocks(model, state, method, on_block)
     return state.replace(x=model.norm(state.x))
 
 
-def pool_head(model: VisionTransformer, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
-    """The model's head on a reduced state; average pooling weighs every token by its size."""
-    if model.global_pool not in ("avg", "avgmax") or state.size is None:
-        return model.forward_head(state.x, pre_logits=pre_logits)
-    start = 0 if model.pool_include_prefix else state.num_prefix
-    tokens, size = state.x[:, start:], state.sizes()[:, start:].to(state.x.dtype)
-    pooled = (tokens * size).sum(dim=1) / size.sum(dim=1)
-    if model.global_pool == "avgmax":
-        pooled = 0.5 * (pooled + tokens.amax(dim=1))
-    pooled = model.head_drop(model.fc_norm(pooled))
-    return pooled if pre_logits else model.head(pooled)
+def dense_features(model: VisionTransformer, images: torch.Tensor, method: Any) -> torch.Tensor:
+    """The full token grid after the final norm, ``B x (num_prefix + h*w) x C``: the reduced model's tokens
+    restored to every patch (``core.ops.restore``), so any head that reads the unreduced tokens runs on it."""
+    state = run_blocks(model, embed(model, images).tracked(dense=True), method)
+    return model.norm(restore(state))
+
+
+def uses_dense_head(model: VisionTransformer) -> bool:
+    """Whether the head pools over every token (avg/max) rather than reading the prefix tokens."""
+    return model.global_pool != "token"
+
+
+def _refuse_masks(entry: str, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
+                         "they would mask are merged or removed); tr.unpatch(model) first")
 
 
 class _TokenReduced:
-    """Mixed in front of the model's own class while a method is patched in."""
+    """Mixed in front of the model's own class while a method is patched in. Every forward entry point runs the
+    reduced model: ``forward_features`` and ``forward_intermediates`` (hence ``get_intermediate_layers``) return
+    the restored full token grid, so heads written for the unreduced model run unchanged."""
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_tokens(self, x, self._tokenreduce.method).x
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        _refuse_masks("forward_features", attn_mask, is_causal)
+        return dense_features(self, x, self._tokenreduce.method)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = forward_tokens(self, x, self._tokenreduce.method)
-        return pool_head(self, state)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        _refuse_masks("forward", attn_mask, is_causal)
+        if uses_dense_head(self):
+            return self.forward_head(dense_features(self, x, self._tokenreduce.method))
+        # The head reads only the prefix tokens, which never move: skip the patch bookkeeping.
+        return self.forward_head(forward_tokens(self, x, self._tokenreduce.method).x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> Any:
+        """timm's ``forward_intermediates`` on the reduced model: every requested block's tokens restored to
+        the full grid (``core.ops.restore``), with timm's arguments and return types."""
+        _refuse_masks("forward_intermediates", attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: must be 'NCHW' or 'NLC'")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take = set(take)
+        grids: list[torch.Tensor] = []
+
+        def collect(i: int, state: TokenState) -> None:
+            if i in take:
+                full = restore(state)
+                grids.append(self.norm(full) if norm else full)
+
+        state = embed(self, x).tracked(dense=True)
+        state = run_blocks(self, state, self._tokenreduce.method, collect, max_index if stop_early else None)
+        num_prefix, (height, width) = state.num_prefix, state.grid
+        prefix = [g[:, :num_prefix] for g in grids] if num_prefix else None
+        intermediates = [g[:, num_prefix:] for g in grids]
+        if output_fmt == "NCHW":
+            intermediates = [g.reshape(g.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+                             for g in intermediates]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(restore(state))
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(restore(state)), intermediates
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -166,3 +239,6 @@ def patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_TokenReduced, cls), {})
     return _PATCHED_CLASSES[cls]
+
+
+_grid_for = grid_for  # transitional: stvit still imports the old private name (being removed)

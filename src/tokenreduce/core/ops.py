@@ -1,10 +1,20 @@
-"""Stateless token operations shared by the methods: gather, keep, bipartite merge, owner bookkeeping.
+"""Stateless token operations shared by the methods: matching apart from what is merged, in both directions.
 
-Every function works on whole batches with ``gather``/``scatter_reduce``: no host syncs, no loops over
-images, so a fixed schedule runs at the speed of the blocks it shortens.
+A reduction step is described by index tensors, and one pair of functions applies it to any per-token tensor
+(features, sizes, positions), forwards and back:
+
+- pruning: ``keep(t, index)`` gathers the kept tokens; ``unkeep(kept, index, into)`` scatters them back;
+- merging: ``bipartite_match(metric, r, num_prefix)`` returns a :class:`Matching`; ``merge(t, m)`` sums every
+  merged token into its destination; ``unmerge(t, m)`` copies every new token back to the tokens it holds.
+
+The state-level steps (``keep_tokens``, ``bipartite_merge``) run features, sizes and owners through those
+functions, and :func:`restore` turns a reduced state back into the full token grid. Every function works on
+whole batches with ``gather``/``scatter``: no host syncs, no loops over images.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -26,94 +36,211 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(batch, index.shape[1], channels)
 
 
-def remap_owner(owner: torch.Tensor | None, new_index_of_old: torch.Tensor) -> torch.Tensor | None:
-    """Follow every input patch to its new token: ``new_index_of_old`` is ``B x N`` (-1 = dropped)."""
-    if owner is None:
-        return None
-    moved = new_index_of_old.gather(1, owner.clamp(min=0))
-    return torch.where(owner < 0, owner, moved)
+# --- pruning: keep and unkeep ----------------------------------------------------------------------------
+def keep(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The tokens ``index`` (``B x K``) of any per-token tensor ``t`` (``B x N x C``), in that order.
 
-
-def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
-    """Keep the image tokens ``keep_index`` (``B x K``, indices into the current tokens, prefix
-    excluded from the list); the prefix tokens are always kept first, then the listed ones in the
-    given order."""
-    batch, num_tokens = state.x.shape[:2]
-    prefix = torch.arange(state.num_prefix, device=keep_index.device).expand(batch, -1)
-    index = torch.cat([prefix, keep_index], dim=1)
-    size = gather_tokens(state.size, index) if state.size is not None else None
-    owner = None
-    if state.owner is not None:
-        new_index_of_old = torch.full((batch, num_tokens), -1, dtype=torch.long, device=index.device)
-        new_pos = torch.arange(index.shape[1], device=index.device).expand(batch, -1)
-        new_index_of_old.scatter_(1, index, new_pos)
-        owner = remap_owner(state.owner, new_index_of_old)
-    return state.replace(x=gather_tokens(state.x, index), size=size, owner=owner)
-
-
-def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
-    """Bipartite soft matching (the ToMe step): merge ``r`` tokens of set A into their best match in B.
-
-    A are the even positions of the current order, B the odd ones; prefix tokens never merge and
-    nothing merges into them. Each source joins its best B token by size-weighted mean and the sizes
-    add. Output order: the prefix tokens, the A tokens that stay in their original order, then B.
-
-    ``metric`` is ``B x N x d`` (ToMe: keys averaged over heads). ``r`` must be at most the number of
-    mergeable A tokens; callers clamp. Prefix tokens stay first, in their order, whatever their parity.
+    >>> keep(torch.tensor([[[1.], [2.], [3.]]]), torch.tensor([[0, 2]])).flatten().tolist()
+    [1.0, 3.0]
     """
-    if r <= 0:
-        return state
-    x, num_prefix = state.x, state.num_prefix
-    batch, num_tokens, channels = x.shape
-    size = state.sizes()
+    return gather_tokens(t, index)
 
+
+def unkeep(kept: torch.Tensor, index: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`keep`: ``into`` (``B x N x C``) with rows ``index`` replaced by ``kept``.
+
+    >>> unkeep(torch.tensor([[[7.], [9.]]]), torch.tensor([[0, 2]]), torch.zeros(1, 3, 1)).flatten().tolist()
+    [7.0, 0.0, 9.0]
+    """
+    return into.scatter(1, index.unsqueeze(-1).expand(-1, -1, kept.shape[-1]), kept)
+
+
+def kept_destination(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """New position of every old token after :func:`keep` with ``index``, ``B x N`` (-1 where dropped).
+
+    >>> kept_destination(torch.tensor([[2, 0]]), 3).tolist()
+    [[1, -1, 0]]
+    """
+    batch, count = index.shape
+    positions = torch.arange(count, device=index.device).expand(batch, -1)
+    return torch.full((batch, num_tokens), -1, dtype=torch.long, device=index.device).scatter(1, index, positions)
+
+
+# --- merging: match, merge, unmerge ----------------------------------------------------------------------
+class Matching(NamedTuple):
+    """A bipartite matching of the tokens of one sequence (ToMe): A are the even positions, B the odd ones.
+
+    ``src`` (``B x r``) are the A tokens merged away and ``dst`` (``B x r``) their destinations in B, both as
+    indices into their set; ``stay`` (``B x (|A| - r - ceil(p/2))``) the non-prefix A tokens that stay, in
+    order. ``num_prefix`` leading tokens never merge. After a merge the order is: the prefix tokens, the A
+    tokens that stay, then the non-prefix B tokens.
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    stay: torch.Tensor
+    num_prefix: int
+    num_tokens: int
+
+
+def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
+    """Bipartite soft matching: each A token's most similar B token (cosine of ``metric``, ``B x N x d``), and
+    the ``r`` A tokens with the most similar match are merged. Prefix tokens never merge and nothing merges
+    into them. ``r`` must be at most the mergeable A tokens (``max_bipartite_r``); callers clamp.
+
+    >>> m = bipartite_match(torch.tensor([[[1., 0.], [1., 0.], [0., 1.], [1., .1]]]), 1, 0)
+    >>> m.src.tolist(), m.dst.tolist(), m.stay.tolist()
+    ([[0]], [[0]], [[1]])
+    """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     # Prefix tokens sit at the front: A holds ceil(num_prefix / 2) of them, B floor(num_prefix / 2).
     scores[:, : (num_prefix + 1) // 2, :] = -torch.inf
     scores[:, :, : num_prefix // 2] = -torch.inf
-
     best_score, best_dst = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
-    src_idx = order[:, :r]
-    stay_idx = order[:, r:].sort(dim=-1).values
-    dst_idx = best_dst.gather(1, src_idx)
+    src = order[:, :r]
+    # The prefix A tokens (scores -inf) always stay and have the smallest indices: drop them from ``stay``.
+    stay = order[:, r:].sort(dim=-1).values[:, (num_prefix + 1) // 2:]
+    return Matching(src, best_dst.gather(1, src), stay, num_prefix, metric.shape[1])
 
-    xs = x * size
-    xa, xb = xs[:, ::2], xs[:, 1::2]
-    sa, sb = size[:, ::2], size[:, 1::2]
-    expand = dst_idx.unsqueeze(-1)
-    xb = xb.scatter_add(1, expand.expand(-1, -1, channels), gather_tokens(xa, src_idx))
-    sb = sb.scatter_add(1, expand, gather_tokens(sa, src_idx))
-    # Prefix tokens take no part in a merge (their scores are -inf, so they always stay, first in stay_idx,
-    # and nothing lands on them): put them back first, in their own order, so CLS / distillation / register
-    # positions do not move; then the other A tokens that stay, then the other B tokens.
+
+def merge(t: torch.Tensor, m: Matching) -> torch.Tensor:
+    """Apply a matching to any per-token tensor ``t`` (``B x N x C``): every merged token is added into its
+    destination; returns ``B x (N - r) x C``. A size-weighted mean is ``merge(x * s, m) / merge(s, m)``.
+
+    >>> m = Matching(torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[1]]), 0, 4)
+    >>> merge(torch.tensor([[[1.], [2.], [3.], [4.]]]), m).flatten().tolist()
+    [3.0, 2.0, 5.0]
+    """
+    prefix_b = m.num_prefix // 2
+    t_a, t_b = t[:, ::2], t[:, 1::2]
+    t_b = t_b.scatter_add(1, m.dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), gather_tokens(t_a, m.src))
+    return torch.cat([t[:, : m.num_prefix], gather_tokens(t_a, m.stay), t_b[:, prefix_b:]], dim=1)
+
+
+def merge_destination(m: Matching) -> torch.Tensor:
+    """New position of every old token after :func:`merge`, ``B x N`` (merged tokens: their destination's).
+
+    >>> m = Matching(torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[1]]), 0, 4)
+    >>> merge_destination(m).tolist()
+    [[2, 1, 0, 2]]
+    """
+    batch, device = m.src.shape[0], m.src.device
+    num_prefix, num_tokens = m.num_prefix, m.num_tokens
     prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-    stay_idx = stay_idx[:, prefix_a:]
-    new_size = torch.cat([size[:, :num_prefix], gather_tokens(sa, stay_idx), sb[:, prefix_b:]], dim=1)
-    new_x = torch.cat([xs[:, :num_prefix], gather_tokens(xa, stay_idx), xb[:, prefix_b:]], dim=1) / new_size
+    num_a, num_b, num_stay = (num_tokens + 1) // 2, num_tokens // 2, m.stay.shape[1]
+    arange = torch.arange(num_tokens, device=device)
+    # stayers by rank after the prefix, B tokens after them, sources follow their destination.
+    new_of_a = torch.empty(batch, num_a, dtype=torch.long, device=device)
+    new_of_a[:, :prefix_a] = arange[0: 2 * prefix_a: 2]
+    new_of_a.scatter_(1, m.stay, num_prefix + arange[:num_stay].expand(batch, -1))
+    new_of_b = (num_prefix + num_stay - prefix_b + arange[:num_b]).expand(batch, -1).clone()
+    new_of_b[:, :prefix_b] = arange[1: 2 * prefix_b: 2]
+    new_of_a.scatter_(1, m.src, new_of_b.gather(1, m.dst))
+    destination = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    destination[:, ::2] = new_of_a
+    destination[:, 1::2] = new_of_b
+    return destination
 
+
+def unmerge(t: torch.Tensor, m: Matching) -> torch.Tensor:
+    """The inverse direction of :func:`merge`: ``t`` (``B x (N - r) x C``) back to ``B x N x C``, every old
+    token taking the value of the new token that holds it.
+
+    >>> m = Matching(torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[1]]), 0, 4)
+    >>> unmerge(torch.tensor([[[3.], [2.], [5.]]]), m).flatten().tolist()
+    [5.0, 2.0, 3.0, 5.0]
+    """
+    return gather_tokens(t, merge_destination(m))
+
+
+# --- state-level steps -----------------------------------------------------------------------------------
+def remap_owner(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.Tensor | None:
+    """Follow every input patch to its new token: ``destination`` is ``B x N`` (-1 = dropped).
+
+    >>> remap_owner(torch.tensor([[1, 2, -1]]), torch.tensor([[0, 1, -1]])).tolist()
+    [[1, -1, -1]]
+    """
+    if owner is None:
+        return None
+    moved = destination.gather(1, owner.clamp(min=0))
+    return torch.where(owner < 0, owner, moved)
+
+
+def record_departures(state: TokenState, leaving: torch.Tensor) -> TokenState:
+    """Mark the patches carried by the tokens ``leaving`` (``B x N`` bool) as left, keeping the feature their
+    token has now; a no-op unless the state tracks dense output.
+
+    >>> s = TokenState(torch.tensor([[[0.], [1.], [2.]]])).tracked(dense=True)
+    >>> out = record_departures(s, torch.tensor([[False, True, False]]))
+    >>> out.left.tolist(), out.left_x.flatten().tolist()
+    ([[True, False]], [1.0, 0.0])
+    """
+    if state.left is None:
+        return state
+    carrier = state.owner.clamp(min=0)
+    now = leaving.gather(1, carrier) & (state.owner >= 0) & ~state.left
+    left_x = torch.where(now.unsqueeze(-1), gather_tokens(state.x, carrier).to(state.left_x.dtype), state.left_x)
+    return state.replace(left=state.left | now, left_x=left_x)
+
+
+def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
+    """Keep the image tokens ``keep_index`` (``B x K``, indices into the current tokens, prefix excluded from
+    the list); the prefix tokens are always kept first, then the listed ones in the given order. Patches of
+    the dropped tokens leave (owner -1, their feature recorded for dense output)."""
+    batch, num_tokens = state.x.shape[:2]
+    prefix = torch.arange(state.num_prefix, device=keep_index.device).expand(batch, -1)
+    index = torch.cat([prefix, keep_index], dim=1)
     owner = None
     if state.owner is not None:
-        num_stay = stay_idx.shape[1]
-        arange = torch.arange(num_tokens, device=x.device)
-        # new position of every old token: stayers by rank, B tokens after them, sources follow their destination.
-        new_of_a = torch.empty(batch, a.shape[1], dtype=torch.long, device=x.device)
-        new_of_a[:, :prefix_a] = arange[0 : 2 * prefix_a : 2]
-        new_of_a.scatter_(1, stay_idx, num_prefix + arange[:num_stay].expand(batch, -1))
-        new_of_b = (num_prefix + num_stay - prefix_b + arange[: b.shape[1]]).expand(batch, -1).clone()
-        new_of_b[:, :prefix_b] = arange[1 : 2 * prefix_b : 2]
-        new_of_a.scatter_(1, src_idx, new_of_b.gather(1, dst_idx))
-        new_index_of_old = torch.empty(batch, num_tokens, dtype=torch.long, device=x.device)
-        new_index_of_old[:, ::2] = new_of_a
-        new_index_of_old[:, 1::2] = new_of_b
-        owner = remap_owner(state.owner, new_index_of_old)
-    return state.replace(x=new_x.to(x.dtype), size=new_size, owner=owner)
+        destination = kept_destination(index, num_tokens)
+        state = record_departures(state, destination < 0)
+        owner = remap_owner(state.owner, destination)
+    size = keep(state.size, index) if state.size is not None else None
+    return state.replace(x=keep(state.x, index), size=size, owner=owner)
+
+
+def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
+    """The ToMe step on a state: match on ``metric`` (``B x N x d``; ToMe: keys averaged over heads), then
+    merge features by size-weighted mean and add the sizes. No patch leaves: merged patches follow their
+    token. ``r`` must be at most ``max_bipartite_r``; callers clamp."""
+    if r <= 0:
+        return state
+    m = bipartite_match(metric, r, state.num_prefix)
+    size = state.sizes()
+    new_size = merge(size, m)
+    new_x = merge(state.x * size, m) / new_size
+    owner = None if state.owner is None else remap_owner(state.owner, merge_destination(m))
+    return state.replace(x=new_x.to(state.x.dtype), size=new_size, owner=owner)
+
+
+def restore(state: TokenState) -> torch.Tensor:
+    """The full token grid of a reduced state, ``B x (num_prefix + h*w) x C``: prefix tokens first, then every
+    input patch in raster order with the feature of the token that carries it, or, for a patch that left
+    (pruned, propagated away, fused), the feature its token had when it left. With nothing reduced this is
+    ``state.x`` itself. Needs a state traced with dense tracking (``TokenState.tracked(dense=True)``, e.g.
+    ``tr.trace(model, images)``).
+
+    >>> s = TokenState(torch.tensor([[[9.], [1.], [2.], [3.]]])).tracked(dense=True)
+    >>> restore(keep_tokens(s, torch.tensor([[2]]))).flatten().tolist()
+    [9.0, 1.0, 2.0, 3.0]
+    """
+    if state.left is None or state.owner is None:
+        raise ValueError("restore needs a state with dense tracking (owner and left); trace the model with "
+                         "tr.trace(model, images) or build the state with TokenState.tracked(dense=True)")
+    carried = gather_tokens(state.x, state.owner.clamp(min=0))
+    image = torch.where(state.left.unsqueeze(-1), state.left_x.to(carried.dtype), carried)
+    return torch.cat([state.x[:, : state.num_prefix], image], dim=1)
 
 
 def max_bipartite_r(num_tokens: int, num_prefix: int) -> int:
     """The most tokens one bipartite merge can remove: the mergeable A tokens, which is
-    floor((N - num_prefix) / 2) whenever the prefix count is even or odd alike."""
+    floor((N - num_prefix) / 2) whenever the prefix count is even or odd alike.
+
+    >>> max_bipartite_r(197, 1)
+    98
+    """
     num_a = (num_tokens + 1) // 2
     return max(0, min(num_a - (num_prefix + 1) // 2, (num_tokens - num_prefix) // 2))

@@ -19,7 +19,12 @@ class TokenState:
             ``B x n0`` long; ``None`` unless tracking was asked for.
         num_prefix: leading tokens (CLS, distillation, registers) that are never removed or merged.
         grid: the (h, w) patch grid of the input image.
-        extras: per-forward scratch a method may keep (e.g. GTP's graph), never stored on a module.
+        left: for every input patch, whether it has left the sequence (pruned, propagated away, fused into
+            EViT's inattentive token), ``B x n0`` bool; ``None`` unless dense output was asked for.
+        left_x: the feature each patch's token had in the block where the patch left, ``B x n0 x C``
+            (meaningless where ``left`` is False); ``None`` unless dense output was asked for.
+        extras: per-forward scratch a method may keep (e.g. GTP's graph, PPT's policy per block), never
+            stored on a module.
     """
 
     x: torch.Tensor
@@ -27,6 +32,8 @@ class TokenState:
     owner: torch.Tensor | None = None
     num_prefix: int = 1
     grid: tuple[int, int] = (0, 0)
+    left: torch.Tensor | None = None
+    left_x: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -48,3 +55,18 @@ class TokenState:
         if self.size is None:
             return None
         return self.size.log().transpose(1, 2).unsqueeze(1)
+
+    def tracked(self, dense: bool = False) -> TokenState:
+        """This (unreduced) state with patch bookkeeping switched on: ``owner`` always, ``left``/``left_x``
+        when ``dense`` (what :func:`tokenreduce.core.ops.restore` needs).
+
+        >>> s = TokenState(torch.zeros(1, 3, 2), num_prefix=1).tracked(dense=True)
+        >>> s.owner.tolist(), s.left.tolist()
+        ([[1, 2]], [[False, False]])
+        """
+        batch, num_tokens = self.x.shape[:2]
+        owner = torch.arange(self.num_prefix, num_tokens, device=self.x.device).expand(batch, -1).clone()
+        if not dense:
+            return self.replace(owner=owner)
+        return self.replace(owner=owner, left=torch.zeros_like(owner, dtype=torch.bool),
+                            left_x=torch.zeros_like(self.x[:, self.num_prefix:]))

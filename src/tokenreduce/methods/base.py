@@ -22,6 +22,8 @@ import torch
 from ..core.state import TokenState
 
 _REGISTRY: dict[str, type[Method]] = {}
+#: Plans are cached per input shape (python ints only, never tensors); the cache is cleared beyond this.
+MAX_CACHED_PLANS = 32
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -150,9 +152,9 @@ class Method:
         self.options = options
         self._plans: dict[tuple[int, int, int], Plan] = {}
 
-    @property
-    def last_forward(self) -> dict[str, Any]:
-        """Diagnostics of the most recent forward pass, as plain numbers (never read by the forward pass)."""
+    def diagnostics(self, states: list[TokenState]) -> dict[str, Any]:
+        """Diagnostics of one traced forward pass (the states after every block, ``tr.trace``), as plain
+        numbers; read by ``tr.diagnostics``. Nothing is written on the method during a forward pass."""
         return {}
 
     # --- schedule -------------------------------------------------------------------------------
@@ -177,6 +179,8 @@ class Method:
         """The schedule for an input of ``num_tokens`` tokens (cached per shape)."""
         key = (num_tokens, num_prefix, depth)
         if key not in self._plans:
+            if len(self._plans) >= MAX_CACHED_PLANS:  # one entry per input shape: bounded, cheap to rebuild
+                self._plans.clear()
             amounts, tokens_in, tokens_out, notes = [], [], [], []
             n = num_tokens
             for block, requested in enumerate(self.amounts(depth)):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import gather_tokens, remap_owner
+from ..core.ops import gather_tokens, record_departures, remap_owner
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
 
@@ -35,8 +35,11 @@ _FULL_MAP_SELECTIONS = frozenset({"mixed_attn_max", "mixed_attn_mean", "col_sum"
 GRAPH_KEY = "gtp_graph"
 ALIVE_KEY = "gtp_alive"
 
-# The spatial graph depends only on the grid: one (adjacency, normalised graph) per (grid, device).
+# The spatial graph depends only on the grid: one (adjacency, normalised graph) per (grid, device), at most
+# MAX_CACHED_GRIDS of them. Built outside inference mode so that a graph first made under
+# ``torch.inference_mode()`` can still be used by a forward pass that trains.
 _SPATIAL_CACHE: dict[tuple[tuple[int, int], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+MAX_CACHED_GRIDS = 16
 
 
 def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -58,12 +61,15 @@ def spatial_graph(grid: tuple[int, int], device: torch.device | str = "cpu") -> 
 def _spatial(grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
     if key not in _SPATIAL_CACHE:
+        if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
+            _SPATIAL_CACHE.clear()
         h, w = key[0]
-        rows = torch.arange(h, device=device).repeat_interleave(w)
-        cols = torch.arange(w, device=device).repeat(h)
-        chebyshev = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())
-        adjacency = chebyshev == 1
-        _SPATIAL_CACHE[key] = (adjacency, normalise_graph(adjacency))
+        with torch.inference_mode(False):
+            rows = torch.arange(h, device=device).repeat_interleave(w)
+            cols = torch.arange(w, device=device).repeat(h)
+            chebyshev = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())
+            adjacency = chebyshev == 1
+            _SPATIAL_CACHE[key] = (adjacency, normalise_graph(adjacency))
     return _SPATIAL_CACHE[key]
 
 
@@ -288,7 +294,10 @@ class GTP(Method):
 
         owner = state.owner
         if owner is not None:
-            # A propagated token's patches follow the kept neighbour that received most of it.
+            # For dense output a propagated token's patches keep the feature it had here; for pictures they
+            # follow the kept neighbour that received most of it.
+            state = record_departures(state, torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
+                                      .scatter_(1, propagated_index, True))
             best, receiver = weights.max(dim=1)
             receiver = torch.where(best > 0, receiver + num_prefix, torch.full_like(receiver, -1))
             new_index_of_old = torch.full((batch, num_tokens), -1, dtype=torch.long, device=x.device)
@@ -315,6 +324,13 @@ class GTP(Method):
                 if self.selection == "cls_attn" and self.sparsity >= 1.0:
                     macs += n_in * dim
         return float(macs)
+
+    def diagnostics(self, states: list[TokenState]) -> dict[str, Any]:
+        """``{"image_tokens": n0, "graph_edges": mean edges per image}`` of the graph built in a traced pass."""
+        graph = states[-1].extras.get(GRAPH_KEY) if states else None
+        if graph is None:
+            return {}
+        return {"image_tokens": int(graph.shape[-1]), "graph_edges": float((graph > 0).sum(dim=(1, 2)).float().mean())}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,8 @@ from .base import Method, Plan, check_layers, register, resolve_r, validate_r
 DEFAULT_LAYERS = (3, 6, 9)
 #: The authors' off-the-shelf DeiT threshold on the variance of the normalised scores (6e-5 fine-tuned).
 DEFAULT_THRESHOLD = 7e-5
+#: ``state.extras`` key prefix of a reducing block's per-image policy (``B`` bool, True = pooled).
+POLICY_KEY = "ppt.pooled."
 
 
 def importance_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.Tensor:
@@ -36,6 +38,11 @@ def importance_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.
     cls_attn = stats["cls_attn"][:, :, num_prefix:].float().sum(dim=1)
     weighted = cls_attn * stats["value_norm"][:, num_prefix:].float()
     return weighted / weighted.sum(dim=-1, keepdim=True)
+
+
+def with_policy(state: TokenState, block: int, pooled: torch.Tensor) -> TokenState:
+    """``state`` with block ``block``'s per-image policy (``B`` bool, True = pooled) in its extras."""
+    return state.replace(extras={**state.extras, f"{POLICY_KEY}{block}": pooled.detach()})
 
 
 @register
@@ -73,13 +80,12 @@ class PPT(Method):
     coefficient of variation of 1.64 at block 3 (196 image tokens) but 0.80 at block 9 (96). Re-tune the
     threshold whenever r, the layers or the input resolution change.
 
-    Diagnostics: after a forward pass ``last_forward`` (and ``tr.describe(model)["last_forward"]``) holds
-    ``{"pooled_share": {block: share of the batch's images that pooled}}``.
+    Diagnostics: each reducing block puts its per-image policy (True = pooled) in the token state's
+    ``extras``; ``tr.diagnostics(model, images)`` reads them as ``{"pooled_share": {block: share}}``.
 
     >>> import timm, torch, tokenreduce as tr
     >>> model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=4, img_size=64).eval()
-    >>> _ = tr.patch(model, "ppt", r=4, layers=(1, 3), threshold=0.0)(torch.randn(2, 3, 64, 64))
-    >>> tr.describe(model)["last_forward"]
+    >>> tr.diagnostics(tr.patch(model, "ppt", r=4, layers=(1, 3), threshold=0.0), torch.randn(2, 3, 64, 64))
     {'pooled_share': {1: 0.0, 3: 0.0}}
     """
 
@@ -95,22 +101,18 @@ class PPT(Method):
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold) \
                 or threshold < 0:
             raise ValueError(f"{self.name}: threshold must be a non-negative number, got {threshold!r}")
-        self._pooled_share: dict[int, torch.Tensor] = {}
         super().__init__(r=r, layers=layers, threshold=threshold, prop_attn=prop_attn)
         self.r, self.layers, self.threshold = r, layers, float(threshold)
         self.use_prop_attn, self.per_block = bool(prop_attn), per_block
         validate_r(self.name, r)
 
-    # --- diagnostics: tensors during the forward pass, floats when read --------------------------
-    @property
-    def last_forward(self) -> dict[str, Any]:
-        """``{"pooled_share": {block: float}}`` of the latest forward pass (empty before the first)."""
-        if not self._pooled_share:
-            return {}
-        return {"pooled_share": {block: float(share) for block, share in self._pooled_share.items()}}
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), **self.last_forward}
+    # --- diagnostics: read from the traced states, never from the module ---------------------------
+    def diagnostics(self, states: list[TokenState]) -> dict[str, Any]:
+        """``{"pooled_share": {block: share of the images that pooled}}`` of one traced forward pass."""
+        extras = states[-1].extras if states else {}
+        shares = {int(key.rsplit(".", 1)[1]): float(value.float().mean())
+                  for key, value in extras.items() if key.startswith(POLICY_KEY)}
+        return {"pooled_share": dict(sorted(shares.items()))} if shares else {}
 
     # --- schedule ---------------------------------------------------------------------------------
     def amounts(self, depth: int) -> list[int]:
@@ -138,10 +140,6 @@ class PPT(Method):
         # No bias is added while sizes are None, i.e. before the first reducing block.
         return self.use_prop_attn
 
-    def begin(self, state: TokenState, plan: Plan) -> TokenState:
-        self._pooled_share = {}
-        return state
-
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
         num_prefix = state.num_prefix
         # Sizes start at 1 here; both branches must carry a real size tensor to be selected per image.
@@ -149,28 +147,26 @@ class PPT(Method):
         # A threshold of 0 or inf fixes the policy without looking at the data (a variance is never
         # negative): compute only that branch. Otherwise the policy is per image and known only on the
         # device, so both branches run for the whole batch and torch.where picks, without a host sync.
+        batch = state.x.shape[0]
         if self.threshold == math.inf:
-            self._pooled_share[block] = torch.ones((), device=state.x.device)
-            return bipartite_merge(state, stats["metric"], amount)
+            pooled = bipartite_merge(state, stats["metric"], amount)
+            return with_policy(pooled, block, torch.ones(batch, dtype=torch.bool, device=state.x.device))
         scores = importance_scores(stats, num_prefix)
         order = scores.argsort(dim=-1, descending=True, stable=True)[:, : scores.shape[1] - amount]
         pruned = keep_tokens(state, order + num_prefix)  # survivors in descending score order
         if self.threshold == 0.0:
-            self._pooled_share[block] = torch.zeros((), device=state.x.device)
-            return pruned
+            return with_policy(pruned, block, torch.zeros(batch, dtype=torch.bool, device=state.x.device))
 
         pool = scores.var(dim=-1) < self.threshold  # B; unbiased variance
-        self._pooled_share[block] = pool.float().mean().detach()
         pooled = bipartite_merge(state, stats["metric"], amount)
-        pool_x = pool.view(-1, 1, 1)
-        owner = None
-        if state.owner is not None:
-            owner = torch.where(pool.view(-1, 1), pooled.owner, pruned.owner)
-        return state.replace(
-            x=torch.where(pool_x, pooled.x, pruned.x),
-            size=torch.where(pool_x, pooled.size, pruned.size),
-            owner=owner,
-        )
+
+        def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.where(pool.view(-1, *[1] * (a.ndim - 1)), a, b)
+
+        chosen = state.replace(x=pick(pooled.x, pruned.x), size=pick(pooled.size, pruned.size),
+                               owner=pick(pooled.owner, pruned.owner), left=pick(pooled.left, pruned.left),
+                               left_x=pick(pooled.left_x, pruned.left_x))
+        return with_policy(chosen, block, pool)
 
     # --- cost -------------------------------------------------------------------------------------
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
