@@ -1,5 +1,5 @@
-"""Measurement: analytic FLOPs, throughput, accuracy and fidelity, pictures."""
+"""Measurement: throughput, accuracy and fidelity, pictures (the analytic FLOPs live in ``core.cost``)."""
 
-from .flops import BlockCost, FlopsReport, analytic_flops
+from ..core.cost import BlockCost, FlopsReport, analytic_flops
 
 __all__ = ["BlockCost", "FlopsReport", "analytic_flops"]

@@ -23,17 +23,41 @@ generation after 3 full blocks 1.5654 (1.56): the paper's figures are these trun
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..adapters.timm_vit import _grid_for, check_supported, model_info
+from ..adapters.timm_vit import check_supported, embed, grid_for, model_info
 from ..core.attention import attention
-from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_report
-from .pooling import POOLINGS, TokenPooling
+from ..core.cost import (
+    FlopsReport,
+    ModelInfo,
+    block_costs,
+    block_macs,
+    built_model_report,
+    cross_block_macs,
+    pooling_macs,
+)
+from .pooling import TokenPooling, check_pooling, check_square
+
+
+def on_model_device(init: Callable) -> Callable:
+    """Runs a builder's ``__init__(self, model, ...)`` with the model's device as the default device, so new
+    layers are made where the model lives (a ``meta`` model gives a ``meta`` STViT, e.g. to count its cost)."""
+
+    @functools.wraps(init)
+    def wrapper(self: nn.Module, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        param = next(model.parameters(), None)
+        with torch.device(param.device if param is not None else "cpu"):
+            init(self, model, *args, **kwargs)
+
+    return wrapper
 
 
 def _copy_modules(target: nn.Module, source: nn.Module, names: tuple[str, ...]) -> None:
@@ -82,33 +106,55 @@ class GenerationLayer(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class STViT(nn.Module):
+def generation_costs(m: int, n: int, dim: int, hidden: int, layers: int = 2) -> list[tuple[int, int, int, int]]:
+    """(tokens in, tokens out, attention MACs, MLP MACs) of the generation layers: ``m`` semantic queries over
+    the ``n`` image tokens (layer 1), then over ``m + n`` (later layers: they project S as keys too)."""
+    return [(keys, m, *cross_block_macs(m, keys, dim, hidden)) for keys in [n] + [m + n] * (layers - 1)]
+
+
+class ViTHosted(nn.Module):
+    """What the plain-ViT builds share: a copy of the host (``vit``) and what its cost report needs."""
+
+    vit: nn.Module
+
+    def host(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` for the build to take apart and keep as ``vit``; keeps the host's description."""
+        self.host_info = model_info(model)
+        self.num_classes = model.num_classes
+        return copy.deepcopy(model)
+
+    def info(self, img_size: int | tuple[int, int] | None = None) -> ModelInfo:
+        """The host's description at ``img_size`` (its depth and widths whatever blocks the build took)."""
+        return dataclasses.replace(self.host_info, grid=grid_for(self.vit, img_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+
+class STViT(ViTHosted):
     """A timm ``VisionTransformer`` turned into STViT; build it with :func:`build`.
 
     Parts: ``vit`` (the host's embedding, its first ``full_blocks`` blocks, ``norm``/``fc_norm``/``head``),
     ``pool``, ``generation`` (ModuleList), ``global_centres`` (1 x M x D, or None), ``semantic_blocks``.
     """
 
+    @on_model_device
     def __init__(self, model: nn.Module, num_semantic: int = 16, full_blocks: int = 4, pooling: str = "learned",
                  global_centres: bool = True, generation_layers: int = 2) -> None:
         super().__init__()
         check_supported(model)
         depth = len(model.blocks)
-        side = math.isqrt(num_semantic) if isinstance(num_semantic, int) and num_semantic > 0 else 0
-        if isinstance(num_semantic, bool) or side == 0 or side * side != num_semantic:
-            raise ValueError(f"num_semantic={num_semantic!r} must be a positive square (4, 9, 16, ...)")
+        side = check_square(num_semantic, "num_semantic")
         for name, value, low in (("full_blocks", full_blocks, 0), ("generation_layers", generation_layers, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if full_blocks + generation_layers > depth:
             raise ValueError(f"full_blocks={full_blocks} + generation_layers={generation_layers} exceeds the "
                              f"model's depth {depth}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported (choose one of {', '.join(POOLINGS)})")
-        vit = copy.deepcopy(model)
+        check_pooling(pooling)
+        self.vit = vit = self.host(model)
         blocks = list(vit.blocks)
         vit.blocks = nn.Sequential(*blocks[:full_blocks])
-        self.vit = vit
         self.num_semantic, self.full_blocks, self.generation_layers = num_semantic, full_blocks, generation_layers
         self.pooling = pooling
         dim = vit.embed_dim
@@ -119,7 +165,6 @@ class STViT(nn.Module):
             self.global_centres = nn.Parameter(torch.zeros(1, num_semantic, dim))
             trunc_normal_(self.global_centres, std=0.02)
         self.semantic_blocks = nn.Sequential(*blocks[full_blocks + generation_layers:])
-        self.num_classes = vit.num_classes
 
     @property
     def depth(self) -> int:
@@ -127,13 +172,9 @@ class STViT(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The M semantic tokens after the last block (B x M x D, before the final norm)."""
-        vit = self.vit
-        x = vit.patch_embed(images)
-        grid = tuple(x.shape[1:3]) if x.ndim == 4 else _grid_for(vit, tuple(images.shape[-2:]))
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
-        x = vit.blocks(x)
-        image_tokens = x[:, vit.num_prefix_tokens:]
-        semantic = self.pool(image_tokens, grid)
+        state = embed(self.vit, images)
+        image_tokens = self.vit.blocks(state.x)[:, state.num_prefix:]
+        semantic = self.pool(image_tokens, state.grid)
         for i, layer in enumerate(self.generation):
             context = image_tokens if i == 0 else torch.cat([semantic, image_tokens], dim=1)
             semantic = layer(semantic, context, None if i == 0 else self.global_centres)
@@ -144,31 +185,17 @@ class STViT(nn.Module):
         pooled = self.vit.head_drop(pooled)
         return pooled if pre_logits else self.vit.head(pooled)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
-
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image (see the module docstring for the conventions)."""
-        info = model_info(self.vit, img_size)
+        info = self.info(img_size)
         dim, hidden, m, n = info.dim, info.mlp_hidden, self.num_semantic, info.num_patches
-        blocks = []
-        for i in range(self.depth):
-            if i < self.full_blocks:
-                attn, mlp = block_macs(info.num_tokens, info.num_tokens, dim, hidden)
-                tokens_in = tokens_out = info.num_tokens
-            elif i < self.full_blocks + self.generation_layers:
-                keys = n if i == self.full_blocks else m + n
-                attn, mlp = 2 * m * dim * dim + 2 * keys * dim * dim + 2 * m * keys * dim, 2 * m * dim * hidden
-                tokens_in, tokens_out = keys, m
-            else:
-                attn, mlp = block_macs(m, m, dim, hidden)
-                tokens_in = tokens_out = m
-            blocks.append(BlockCost(i, tokens_in, tokens_out, attn / 1e9, mlp / 1e9))
-        # the learned scorer: 3x3 depth-wise conv (9*D per token) and the 1x1 conv to one logit (D per token)
-        overhead = 10 * n * dim if self.pooling == "learned" else 0
+        layers = [(info.num_tokens, info.num_tokens, *block_macs(info.num_tokens, info.num_tokens, dim, hidden))]
+        layers = layers * self.full_blocks + generation_costs(m, n, dim, hidden, self.generation_layers)
+        layers += [(m, m, *block_macs(m, m, dim, hidden))] * len(self.semantic_blocks)
+        overhead = pooling_macs(self.pooling, n, dim)
         notes = (f"M={m} semantic tokens after {self.full_blocks} full blocks and {self.generation_layers} "
                  f"generation layers ({self.pooling} pooling)",)
-        return built_model_report("stvit", info, blocks, self.depth, overhead, notes)
+        return built_model_report("stvit", info, block_costs(layers), self.depth, overhead, notes)
 
 
 def build(model: nn.Module, num_semantic: int = 16, full_blocks: int = 4, pooling: str = "learned",

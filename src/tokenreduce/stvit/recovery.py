@@ -27,33 +27,25 @@ at 224 (3 units, 9 tokens per window): 5.83 GMACs vs 8.74 unreduced (-33%; the p
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from timm.layers import LayerScale, trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..adapters.timm_vit import _grid_for, check_supported, model_info
-from ..measure.flops import BlockCost, FlopsReport, block_macs, built_model_report
-from .model import GenerationLayer
-from .pooling import POOLINGS, TokenPooling
-from .swin import (
-    SEMANTIC_STAGE,
+from ..adapters.timm_vit import check_supported, embed
+from ..core.cost import (
+    FlopsReport,
     SwinCounter,
-    SwinHosted,
-    WindowSemantic,
-    _check_img_size,
-    _stage_grids,
-    check_side,
-    check_swin,
-    on_model_device,
-    swin_baseline_gmacs,
-    vit_block_from_swin,
-    window_regions,
+    block_costs,
+    block_macs,
+    built_model_report,
+    cross_block_macs,
+    pooling_macs,
 )
+from .model import GenerationLayer, ViTHosted, generation_costs, on_model_device
+from .pooling import TokenPooling, check_pooling, check_square, window_regions
+from .swin import SEMANTIC_STAGE, SwinHosted, WindowSemantic, check_swin, vit_block_from_swin
 
 LAYER_SCALE_INIT = 1e-5
 
@@ -71,11 +63,6 @@ class RecoveryLayer(GenerationLayer):
     def forward(self, image_tokens: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(image_tokens, semantic)
 
-    @staticmethod
-    def macs(num_image: int, num_semantic: int, dim: int, hidden: int) -> tuple[int, int]:
-        n, s = num_image, num_semantic
-        return 2 * n * dim * dim + 2 * s * dim * dim + 2 * n * s * dim, 2 * n * dim * hidden
-
 
 def _check_units(units: int | None, unit_depth: int, depth: int, where: str) -> int:
     if isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 3:
@@ -92,7 +79,7 @@ class DumbbellUnit(nn.Module):
 
     def __init__(self, blocks: list[Block], num_semantic: int, pooling: str, global_centres: bool) -> None:
         super().__init__()
-        side = math.isqrt(num_semantic)
+        side = check_square(num_semantic, "num_semantic")
         dim = blocks[0].norm1.weight.shape[0]
         self.full = blocks[0]
         self.pool = TokenPooling(pooling, dim, side)
@@ -115,7 +102,7 @@ class DumbbellUnit(nn.Module):
         return torch.cat([prefix, self.recovery(image, semantic)], dim=1)
 
 
-class STViTR(nn.Module):
+class STViTR(ViTHosted):
     """A timm ``VisionTransformer`` with STViT-R units; ``forward_features`` has the original shape (prefix
     tokens first, then the full patch grid, final norm applied), so ``forward_head`` is the host's own."""
 
@@ -124,14 +111,11 @@ class STViTR(nn.Module):
                  pooling: str = "learned", global_centres: bool = True) -> None:
         super().__init__()
         check_supported(model)
-        side = math.isqrt(num_semantic) if isinstance(num_semantic, int) and num_semantic > 0 else 0
-        if isinstance(num_semantic, bool) or side == 0 or side * side != num_semantic:
-            raise ValueError(f"num_semantic={num_semantic!r} must be a positive square (4, 9, 16, ...)")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported (choose one of {', '.join(POOLINGS)})")
+        check_square(num_semantic, "num_semantic")
+        check_pooling(pooling)
         depth = len(model.blocks)
         units = _check_units(units, unit_depth, depth, "the model")
-        vit = copy.deepcopy(model)
+        vit = self.host(model)
         blocks = list(vit.blocks)
         lead = depth - units * unit_depth
         vit.blocks = nn.Sequential(*blocks[:lead])
@@ -140,43 +124,30 @@ class STViTR(nn.Module):
                          global_centres) for u in range(units))
         self.vit = vit
         self.num_semantic, self.unit_depth, self.pooling = num_semantic, unit_depth, pooling
-        self.num_classes = vit.num_classes
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        x = vit.patch_embed(images)
-        grid = tuple(x.shape[1:3]) if x.ndim == 4 else _grid_for(vit, tuple(images.shape[-2:]))
-        x = vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(x))))
+        state = embed(self.vit, images)
+        x = self.vit.blocks(state.x)
         for unit in self.units:
-            x = unit(x, grid, vit.num_prefix_tokens)
-        return vit.norm(x)
+            x = unit(x, state.grid, state.num_prefix)
+        return self.vit.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.vit.forward_head(x, pre_logits=pre_logits)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
-
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image (module docstring; other layers as ``STViT.tokenreduce_flops``)."""
-        host = copy.copy(self.vit)  # model_info reads blocks[0]: show it one even when units take every block
-        host._modules = {**self.vit._modules, "blocks": nn.Sequential(self.units[0].full)}
-        info = model_info(host, img_size)
+        info = self.info(img_size)
         dim, hidden, m, n, p = info.dim, info.mlp_hidden, self.num_semantic, info.num_patches, info.num_prefix
-        costs: list[tuple[int, int, int, int]] = []
-        for _ in range(len(self.vit.blocks)):
-            costs.append((info.num_tokens, info.num_tokens, *block_macs(info.num_tokens, info.num_tokens, dim, hidden)))
+        full = [(info.num_tokens, info.num_tokens, *block_macs(info.num_tokens, info.num_tokens, dim, hidden))]
+        costs = full * len(self.vit.blocks)
         for unit in self.units:
-            costs.append((info.num_tokens, info.num_tokens, *block_macs(info.num_tokens, info.num_tokens, dim, hidden)))
-            for keys in (n, m + n):
-                attn = 2 * m * dim * dim + 2 * keys * dim * dim + 2 * m * keys * dim
-                costs.append((keys, m, attn, 2 * m * dim * hidden))
-            for _ in unit.semantic_blocks:
-                costs.append((m + p, m + p, *block_macs(m + p, m + p, dim, hidden)))
-            costs.append((n + m, n, *RecoveryLayer.macs(n, m, dim, hidden)))
-        blocks = [BlockCost(i, a, b, attn / 1e9, mlp / 1e9) for i, (a, b, attn, mlp) in enumerate(costs)]
+            costs += full + generation_costs(m, n, dim, hidden)
+            costs += [(m + p, m + p, *block_macs(m + p, m + p, dim, hidden))] * len(unit.semantic_blocks)
+            costs.append((n + m, n, *cross_block_macs(n, m, dim, hidden)))
+        blocks = block_costs(costs)
         depth = len(self.vit.blocks) + len(self.units) * self.unit_depth
-        overhead = 10 * n * dim * len(self.units) if self.pooling == "learned" else 0
+        overhead = pooling_macs(self.pooling, n, dim) * len(self.units)
         notes = (f"{len(self.units)} STViT-R unit(s) of {self.unit_depth} blocks + recovery, M={m} "
                  f"({self.pooling} pooling), after {len(self.vit.blocks)} unchanged blocks",)
         return built_model_report("stvit-r", info, blocks, depth, overhead, notes)
@@ -206,25 +177,18 @@ class STViTRSwin(SwinHosted):
                  unit_depth: int = 6, pooling: str = "learned", global_centres: bool = True,
                  key_window: int | None = None) -> None:
         super().__init__()
-        check_swin(model)
-        side = check_side(tokens_per_window)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported (choose one of {', '.join(POOLINGS)})")
-        depth = len(model.layers[SEMANTIC_STAGE].blocks)
+        side, depth = check_swin(model, tokens_per_window, pooling)
         units = _check_units(units, unit_depth, depth, "Swin stage 3")
-        self.baseline_gmacs = swin_baseline_gmacs(model)
-        swin = copy.deepcopy(model)
-        stage = swin.layers[SEMANTIC_STAGE]
-        blocks = list(stage.blocks)
+        swin = self.host(model)
+        blocks = list(swin.layers[SEMANTIC_STAGE].blocks)
         window_regions(tuple(blocks[0].input_resolution), tuple(blocks[0].window_size), side)  # early error
         lead = depth - units * unit_depth
-        stage.blocks = nn.Sequential(*blocks[:lead])
+        swin.layers[SEMANTIC_STAGE].blocks = nn.Sequential(*blocks[:lead])
         self.units = nn.ModuleList(
             SwinUnit(blocks[lead + u * unit_depth: lead + (u + 1) * unit_depth], side, pooling, global_centres,
                      key_window) for u in range(units))
         self.swin = swin
         self.tokens_per_window, self.unit_depth, self.pooling = tokens_per_window, unit_depth, pooling
-        self.num_classes = swin.num_classes
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.swin.layers[SEMANTIC_STAGE].blocks(self.semantic_stage_input(images))
@@ -234,26 +198,21 @@ class STViTRSwin(SwinHosted):
 
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image at the model's own image size (conventions in ``swin.py``)."""
-        swin = self.swin
-        img = _check_img_size(swin, img_size)
-        counter = SwinCounter(swin)
-        overhead = 0
-        for index, (stage, grid) in enumerate(zip(swin.layers, _stage_grids(swin), strict=True)):
-            counter.merge(stage, grid)
-            for block in stage.blocks:
-                counter.swin_block(block, grid)
-            if index != SEMANTIC_STAGE:
-                continue
-            n = grid[0] * grid[1]
+
+        def units(counter: SwinCounter, grid: tuple[int, int]) -> tuple[None, int]:
+            n, overhead = grid[0] * grid[1], 0
             for unit in self.units:
                 counter.swin_block(unit.full, grid)
                 layers, pool = unit.semantic.macs(grid)
                 for layer in layers:
                     counter.add(*layer)
                 s = layers[-1][1]
-                counter.add(n + s, n, *RecoveryLayer.macs(n, s, unit.semantic.dim, unit.semantic.hidden))
+                counter.add(n + s, n, *cross_block_macs(n, s, unit.semantic.dim, unit.semantic.hidden))
                 overhead += pool
-        notes = (f"stage 3: {len(swin.layers[SEMANTIC_STAGE].blocks)} unchanged blocks, {len(self.units)} unit(s) "
+            return None, overhead
+
+        counter, img, overhead = self.count(img_size, units)
+        notes = (f"stage 3: {len(self.swin.layers[SEMANTIC_STAGE].blocks)} unchanged blocks, {len(self.units)} unit(s) "
                  f"of {self.unit_depth} blocks + recovery; {self.tokens_per_window} tokens per window "
                  f"({self.pooling} pooling)",)
         return counter.report("stvit-r-swin", img, self.baseline_gmacs, overhead, notes)

@@ -37,10 +37,8 @@ Swin-B 11.56 (-25%): the paper's -24% / -25% / -25%.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
@@ -49,42 +47,26 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..core.attention import attention
-from ..measure.flops import BlockCost, FlopsReport
-from .model import GenerationLayer
-from .pooling import POOLINGS, TokenPooling, region_index
+from ..core.cost import FlopsReport, SwinCounter, attention_macs, cross_block_macs, mlp_macs, pooling_macs
+from .model import GenerationLayer, on_model_device
+from .pooling import TokenPooling, cached_index, check_pooling, check_square, window_regions
 
 SEMANTIC_STAGE = 2  # 0-based index of Swin's third stage in ``model.layers``
-
-
-def on_model_device(init: Callable) -> Callable:
-    """Runs a builder's ``__init__(self, model, ...)`` with the model's device as the default device, so new
-    layers are made where the model lives (a ``meta`` model gives a ``meta`` STViT, e.g. to count its cost)."""
-
-    @functools.wraps(init)
-    def wrapper(self: nn.Module, model: nn.Module, *args: Any, **kwargs: Any) -> None:
-        param = next(model.parameters(), None)
-        with torch.device(param.device if param is not None else "cpu"):
-            init(self, model, *args, **kwargs)
-
-    return wrapper
 
 
 def is_swin(model: nn.Module) -> bool:
     return isinstance(model, SwinTransformer)
 
 
-def check_swin(model: nn.Module) -> None:
+def check_swin(model: nn.Module, tokens_per_window: int, pooling: str) -> tuple[int, int]:
+    """(side of the semantic tokens in a window, blocks of the semantic stage); raises on what cannot be built."""
     if not is_swin(model):
         raise TypeError(f"expected a timm SwinTransformer, got {type(model).__name__}")
     if len(model.layers) <= SEMANTIC_STAGE:
         raise ValueError(f"the Swin model has {len(model.layers)} stages; STViT needs a third stage")
-
-
-def check_side(tokens_per_window: int) -> int:
-    side = math.isqrt(tokens_per_window) if isinstance(tokens_per_window, int) and tokens_per_window > 0 else 0
-    if isinstance(tokens_per_window, bool) or side == 0 or side * side != tokens_per_window:
-        raise ValueError(f"tokens_per_window={tokens_per_window!r} must be a positive square (4, 9, 16, ...)")
-    return side
+    side = check_square(tokens_per_window, "tokens_per_window")
+    check_pooling(pooling)
+    return side, len(model.layers[SEMANTIC_STAGE].blocks)
 
 
 def vit_block_from_swin(block: SwinTransformerBlock, init_values: float | None = None) -> Block:
@@ -104,36 +86,6 @@ def vit_block_from_swin(block: SwinTransformerBlock, init_values: float | None =
     return vit_block
 
 
-def window_spans(grid: tuple[int, int], window: tuple[int, int]) -> list[tuple[range, range]]:
-    """Row-major windows of ``grid``, cropped to it (the last row/column of windows may be partial)."""
-    rows = [range(r, min(r + window[0], grid[0])) for r in range(0, grid[0], window[0])]
-    cols = [range(c, min(c + window[1], grid[1])) for c in range(0, grid[1], window[1])]
-    return [(r, c) for r in rows for c in cols]
-
-
-def window_regions(grid: tuple[int, int], window: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, valid) like ``pooling.region_index`` but per window: region ``w*side^2 + r`` is region r of an
-    ``side x side`` split of window w; indices are flat positions in ``grid``, padding masked by ``valid``."""
-    with torch.device("cpu"):  # index tables are built on the host, even under a meta/GPU default device
-        return _window_regions(grid, window, side)
-
-
-def _window_regions(grid: tuple[int, int], window: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    regions = []
-    for rows, cols in window_spans(grid, window):
-        if len(rows) < side or len(cols) < side:
-            raise ValueError(f"a {len(rows)}x{len(cols)} window of the {grid[0]}x{grid[1]} grid cannot hold "
-                             f"{side}x{side} semantic tokens")
-        local, valid = region_index((len(rows), len(cols)), side)
-        for idx, ok in zip(local.tolist(), valid.tolist(), strict=True):
-            regions.append([(rows[0] + i // len(cols)) * grid[1] + cols[0] + i % len(cols)
-                            for i, v in zip(idx, ok, strict=True) if v])
-    size = max(len(r) for r in regions)
-    index = torch.tensor([r + [0] * (size - len(r)) for r in regions])
-    valid = torch.tensor([[True] * len(r) + [False] * (size - len(r)) for r in regions])
-    return index, valid
-
-
 def key_windows(grid: tuple[int, int], window: tuple[int, int], key_window: int) -> torch.Tensor:
     """(windows x K) flat indices of each window's enlarged key window: ``key_window`` rows/columns centred on
     the window, shifted to lie inside the grid (clamped to the grid when it is smaller)."""
@@ -150,21 +102,6 @@ def key_windows(grid: tuple[int, int], window: tuple[int, int], key_window: int)
     rows_list, cols_list = starts(grid[0], window[0], key_window), starts(grid[1], window[1], key_window)
     return torch.tensor([[r * grid[1] + c for r in rows for c in cols] for rows in rows_list for cols in cols_list],
                         device="cpu")
-
-
-class WindowPooling(TokenPooling):
-    """``TokenPooling`` whose regions are the k x k split of every window (semantic tokens window-major)."""
-
-    def __init__(self, kind: str, dim: int, side: int, window: tuple[int, int]) -> None:
-        super().__init__(kind, dim, side)
-        self.window = tuple(window)
-
-    def regions(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid[0], grid[1])
-        if key not in self._regions or self._regions[key][0].device != device:
-            index, valid = window_regions(key, self.window, self.side)
-            self._regions[key] = (index.to(device), valid.to(device))
-        return self._regions[key]
 
 
 class SemanticBlock(nn.Module):
@@ -200,8 +137,6 @@ class WindowSemantic(nn.Module):
     def __init__(self, generation_blocks: list[SwinTransformerBlock], semantic_blocks: list[SwinTransformerBlock],
                  side: int, pooling: str, global_centres: bool, key_window: int | None) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported (choose one of {', '.join(POOLINGS)})")
         first = generation_blocks[0]
         self.window = tuple(first.window_size)
         self.side = side
@@ -211,7 +146,7 @@ class WindowSemantic(nn.Module):
             raise ValueError(f"key_window={key_window!r} must be an integer >= the window size {max(self.window)}")
         dim = self.dim = first.dim
         self.hidden = first.mlp.fc1.out_features
-        self.pool = WindowPooling(pooling, dim, side, self.window)
+        self.pool = TokenPooling(pooling, dim, side, self.window)
         self.generation = nn.ModuleList(GenerationLayer(vit_block_from_swin(b)) for b in generation_blocks)
         self.global_centres = None
         if global_centres:
@@ -219,13 +154,10 @@ class WindowSemantic(nn.Module):
             trunc_normal_(self.global_centres, std=0.02)
         self.semantic_blocks = nn.Sequential(*(SemanticBlock(b, side * side if i % 2 == 0 else None)
                                                for i, b in enumerate(semantic_blocks)))
-        self._keys: dict[tuple[int, int], torch.Tensor] = {}
 
     def keys(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        # built from shapes only and cached per grid: no host sync in the forward pass
-        if grid not in self._keys or self._keys[grid].device != device:
-            self._keys[grid] = key_windows(grid, self.window, self.key_window).to(device)
-        return self._keys[grid]
+        window, size = self.window, self.key_window
+        return cached_index(("key windows", grid, window, size), device, lambda: (key_windows(grid, window, size),))[0]
 
     def num_windows(self, grid: tuple[int, int]) -> tuple[int, int]:
         return math.ceil(grid[0] / self.window[0]), math.ceil(grid[1] / self.window[1])
@@ -251,17 +183,12 @@ class WindowSemantic(nn.Module):
         per_window = self.side * self.side
         s = windows * per_window
         k1 = min(self.key_window, grid[0]) * min(self.key_window, grid[1])
-        k2 = s + n
-        layers = [
-            (windows * k1, s, 2 * s * dim * dim + 2 * windows * k1 * dim * dim + 2 * s * k1 * dim,
-             2 * s * dim * hidden),
-            (k2, s, 2 * s * dim * dim + 2 * k2 * dim * dim + 2 * s * k2 * dim, 2 * s * dim * hidden),
-        ]
+        layers = [(windows * k1, s, *cross_block_macs(s, k1, dim, hidden, windows * k1)),
+                  (s + n, s, *cross_block_macs(s, s + n, dim, hidden))]
         for block in self.semantic_blocks:
             group = s if block.group is None else block.group
-            layers.append((s, s, 4 * s * dim * dim + 2 * s * group * dim, 2 * s * dim * hidden))
-        overhead = 10 * n * dim if self.pool.kind == "learned" else 0
-        return layers, overhead
+            layers.append((s, s, attention_macs(s, group, dim, s), mlp_macs(s, dim, hidden)))
+        return layers, pooling_macs(self.pool.kind, n, dim)
 
 
 def fit_block(block: SwinTransformerBlock, feat: tuple[int, int]) -> None:
@@ -287,82 +214,29 @@ def fit_block(block: SwinTransformerBlock, feat: tuple[int, int]) -> None:
     block._init_buffers()
 
 
-def swin_block_macs(grid: tuple[int, int], window: tuple[int, int], dim: int, hidden: int) -> tuple[int, int]:
-    """(attention, MLP) MACs of a Swin block on ``grid`` (attention runs on the grid padded to windows)."""
-    padded = math.ceil(grid[0] / window[0]) * window[0] * math.ceil(grid[1] / window[1]) * window[1]
-    area = window[0] * window[1]
-    return 4 * padded * dim * dim + 2 * padded * area * dim, 2 * grid[0] * grid[1] * dim * hidden
+def swin_baseline_gmacs(model: SwinTransformer) -> float:
+    """Unreduced analytic GMACs of a timm Swin at its own image size (conventions in the module docstring)."""
+    return SwinCounter(model).stages().gmacs
 
 
-def _stage_grids(model: SwinTransformer) -> list[tuple[int, int]]:
-    grid = tuple(model.patch_embed.grid_size)
-    grids = []
-    for stage in model.layers:
-        if isinstance(stage.downsample, PatchMerging):
-            grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
-        grids.append(grid)
-    return grids
-
-
-def _check_img_size(model: SwinTransformer, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+def check_img_size(model: SwinTransformer, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
     own = tuple(model.patch_embed.img_size)
     if img_size is not None and tuple(img_size if isinstance(img_size, tuple | list) else (img_size,) * 2) != own:
         raise ValueError(f"img_size={img_size!r}: this Swin model was built for {own[0]}x{own[1]} images")
     return own
 
 
-class SwinCounter:
-    """Accumulates per-block MACs of a Swin model (shared by the STViT and STViT-R cost reports)."""
-
-    def __init__(self, model: SwinTransformer) -> None:
-        self.model = model
-        self.blocks: list[BlockCost] = []
-        grid = model.patch_embed.grid_size
-        patch = model.patch_embed.proj.kernel_size
-        self.embed = grid[0] * grid[1] * model.patch_embed.proj.in_channels * patch[0] * patch[1] * \
-            model.patch_embed.proj.out_channels
-        fc = getattr(model.head, "fc", None)
-        self.head = fc.in_features * fc.out_features if isinstance(fc, nn.Linear) else 0
-        self.other = 0  # patch merging
-
-    def add(self, tokens_in: int, tokens_out: int, attn: int, mlp: int) -> None:
-        self.blocks.append(BlockCost(len(self.blocks), tokens_in, tokens_out, attn / 1e9, mlp / 1e9))
-
-    def merge(self, stage: nn.Module, grid_out: tuple[int, int]) -> None:
-        if isinstance(stage.downsample, PatchMerging):
-            lin = stage.downsample.reduction
-            self.other += grid_out[0] * grid_out[1] * lin.in_features * lin.out_features
-
-    def swin_block(self, block: SwinTransformerBlock, grid: tuple[int, int]) -> None:
-        n = grid[0] * grid[1]
-        self.add(n, n, *swin_block_macs(grid, tuple(block.window_size), block.dim, block.mlp.fc1.out_features))
-
-    @property
-    def gmacs(self) -> float:
-        return (self.embed + self.head + self.other) / 1e9 + sum(b.gmacs for b in self.blocks)
-
-    def report(self, method: str, img_size: tuple[int, int], baseline_gmacs: float, overhead_macs: float,
-               notes: tuple[str, ...]) -> FlopsReport:
-        """The cost report of the blocks counted so far."""
-        return FlopsReport(method=method, img_size=img_size, gmacs=self.gmacs, overhead_gmacs=overhead_macs / 1e9,
-                           baseline_gmacs=baseline_gmacs, embed_gmacs=self.embed / 1e9,
-                           head_gmacs=self.head / 1e9, blocks=self.blocks, notes=notes)
-
-
-def swin_baseline_gmacs(model: SwinTransformer) -> float:
-    """Unreduced analytic GMACs of a timm Swin at its own image size (conventions in the module docstring)."""
-    counter = SwinCounter(model)
-    for stage, grid in zip(model.layers, _stage_grids(model), strict=True):
-        counter.merge(stage, grid)
-        for block in stage.blocks:
-            counter.swin_block(block, grid)
-    return counter.gmacs
-
-
 class SwinHosted(nn.Module):
-    """What the Swin builds share: the host's stages up to the semantic stage, and the host's head."""
+    """What the Swin builds share: a copy of the host (``swin``) and its unreduced cost, the host's stages up to
+    the semantic stage, its later stages and its head."""
 
     swin: nn.Module
+
+    def host(self, model: SwinTransformer) -> SwinTransformer:
+        """A copy of ``model`` for the build to take apart and keep as ``swin``; keeps the host's unreduced cost."""
+        self.baseline_gmacs = swin_baseline_gmacs(model)
+        self.num_classes = model.num_classes
+        return copy.deepcopy(model)
 
     def semantic_stage_input(self, images: torch.Tensor) -> torch.Tensor:
         """The tokens entering the semantic stage's blocks, after its patch merging (B x h x w x C)."""
@@ -380,6 +254,24 @@ class SwinHosted(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
+    def count(self, img_size: int | tuple[int, int] | None,
+              after_semantic_blocks: Callable[[SwinCounter, tuple[int, int]], tuple[tuple[int, int] | None, int]]
+              ) -> tuple[SwinCounter, tuple[int, int], int]:
+        """(counter, image size, overhead MACs): every stage counted; ``after_semantic_blocks(counter, grid)``
+        counts what the build adds after the semantic stage's remaining blocks and returns (the grid the next
+        stage starts from or None, its overhead MACs)."""
+        img = check_img_size(self.swin, img_size)
+        counter, overhead = SwinCounter(self.swin), 0
+
+        def at_stage(index: int, grid: tuple[int, int]) -> tuple[int, int] | None:
+            nonlocal overhead
+            if index != SEMANTIC_STAGE:
+                return None
+            grid, overhead = after_semantic_blocks(counter, grid)
+            return grid
+
+        return counter.stages(at_stage), img, overhead
+
 
 class STViTSwin(SwinHosted):
     """A timm ``SwinTransformer`` with STViT semantic tokens in stage 3; build it with :func:`build_swin`.
@@ -392,25 +284,19 @@ class STViTSwin(SwinHosted):
     def __init__(self, model: SwinTransformer, tokens_per_window: int = 9, full_blocks: int | None = None,
                  pooling: str = "learned", global_centres: bool = True, key_window: int | None = None) -> None:
         super().__init__()
-        check_swin(model)
-        side = check_side(tokens_per_window)
-        depth = len(model.layers[SEMANTIC_STAGE].blocks)
+        side, depth = check_swin(model, tokens_per_window, pooling)
         if full_blocks is None:
             full_blocks = 2 * depth // 3
         if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or not 0 <= full_blocks <= depth - 2:
             raise ValueError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
                              f"{depth} blocks, 2 of them become generation layers)")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported (choose one of {', '.join(POOLINGS)})")
-        self.baseline_gmacs = swin_baseline_gmacs(model)
-        swin = copy.deepcopy(model)
-        stage = swin.layers[SEMANTIC_STAGE]
-        blocks = list(stage.blocks)
+        swin = self.host(model)
+        blocks = list(swin.layers[SEMANTIC_STAGE].blocks)
         grid = tuple(blocks[0].input_resolution)
         self.semantic = WindowSemantic(blocks[full_blocks:full_blocks + 2], blocks[full_blocks + 2:], side, pooling,
                                        global_centres, key_window)
         window_regions(grid, self.semantic.window, side)  # raises early if a window cannot hold k x k tokens
-        stage.blocks = nn.Sequential(*blocks[:full_blocks])
+        swin.layers[SEMANTIC_STAGE].blocks = nn.Sequential(*blocks[:full_blocks])
         rows, cols = self.semantic.num_windows(grid)
         feat = (rows * side, cols * side)
         for later in swin.layers[SEMANTIC_STAGE + 1:]:
@@ -421,7 +307,6 @@ class STViTSwin(SwinHosted):
         self.swin = swin
         self.tokens_per_window, self.side = tokens_per_window, side
         self.full_blocks, self.pooling = full_blocks, pooling
-        self.num_classes = swin.num_classes
         self.semantic_grid = (rows * side, cols * side)
 
     def to_grid(self, semantic: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -438,24 +323,14 @@ class STViTSwin(SwinHosted):
 
     def tokenreduce_flops(self, img_size: int | tuple[int, int] | None = None) -> FlopsReport:
         """Analytic MACs per image at the model's own image size (conventions in the module docstring)."""
-        swin = self.swin
-        img = _check_img_size(swin, img_size)
-        counter = SwinCounter(swin)
-        overhead = 0
-        grid = (0, 0)
-        for index, (stage, own_grid) in enumerate(zip(swin.layers, _stage_grids(swin), strict=True)):
-            if index <= SEMANTIC_STAGE:
-                grid = own_grid
-            elif isinstance(stage.downsample, PatchMerging):  # later stages run on the semantic grid
-                grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
-            counter.merge(stage, grid)
-            for block in stage.blocks:
-                counter.swin_block(block, grid)
-            if index == SEMANTIC_STAGE:
-                layers, overhead = self.semantic.macs(grid)
-                for layer in layers:
-                    counter.add(*layer)
-                grid = self.semantic_grid
+
+        def semantic(counter: SwinCounter, grid: tuple[int, int]) -> tuple[tuple[int, int], int]:
+            layers, overhead = self.semantic.macs(grid)
+            for layer in layers:
+                counter.add(*layer)
+            return self.semantic_grid, overhead  # later stages run on the semantic grid
+
+        counter, img, overhead = self.count(img_size, semantic)
         notes = (f"stage 3: {self.full_blocks} full blocks, 2 generation layers, "
                  f"{len(self.semantic.semantic_blocks)} semantic blocks; {self.tokens_per_window} tokens per "
                  f"window ({self.pooling} pooling); stage 4 on a {self.semantic_grid[0]}x{self.semantic_grid[1]} "
