@@ -239,6 +239,3 @@ def patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_TokenReduced, cls), {})
     return _PATCHED_CLASSES[cls]
-
-
-_grid_for = grid_for  # transitional: stvit still imports the old private name (being removed)
