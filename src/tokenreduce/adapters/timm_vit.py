@@ -9,7 +9,6 @@ swaps the model's class for a subclass whose ``forward`` carries a ``TokenState`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,34 +18,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..core.attention import attention
+from ..core.cost import ModelInfo
 from ..core.ops import restore
 from ..core.state import TokenState
 
 POOLS = ("token", "avg", "max", "avgmax")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the FLOPs count and the schedule need to know about a model at one image size."""
-
-    depth: int
-    dim: int
-    heads: int
-    mlp_hidden: int
-    num_prefix: int
-    has_cls: bool
-    patch_size: tuple[int, int]
-    in_chans: int
-    grid: tuple[int, int]
-    head_macs: int
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix + self.num_patches
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
