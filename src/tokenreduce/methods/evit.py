@@ -36,7 +36,7 @@ class EViT(TopK):
         return drop, (num_tokens - drop + 1 if drop else num_tokens), ""
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
-        num_prefix, batch = state.num_prefix, state.x.shape[0]
+        num_prefix = state.num_prefix
         scores = cls_scores(stats, num_prefix)
         keep, drop = top_image_tokens(scores, scores.shape[1] - amount)
         drop_idx = drop + num_prefix
@@ -49,11 +49,9 @@ class EViT(TopK):
         fused_pos = kept.x.shape[1]
         owner = kept.owner
         if owner is not None:
-            # Patches held by dropped tokens now live in the fused token.
-            dropped_now = torch.zeros(batch, state.x.shape[1], dtype=torch.bool, device=state.x.device)
-            dropped_now.scatter_(1, drop_idx, True)
-            was_dropped = dropped_now.gather(1, state.owner.clamp(min=0)) & (state.owner >= 0)
-            owner = torch.where(was_dropped, torch.full_like(owner, fused_pos), owner)
+            # Patches held by dropped tokens now live in the fused token (for pictures; for dense output they
+            # keep the feature they had here, recorded by keep_tokens).
+            owner = torch.where((owner < 0) & (state.owner >= 0), torch.full_like(owner, fused_pos), owner)
         return kept.replace(
             x=torch.cat([kept.x, fused_x], dim=1),
             size=torch.cat([kept.size, fused_size], dim=1),

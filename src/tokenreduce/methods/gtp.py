@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import gather_tokens, record_departures, remap_owner
+from ..core.ops import gather_tokens, kept_destination, record_departures, remap_owner
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
 
@@ -300,10 +300,8 @@ class GTP(Method):
                                       .scatter_(1, propagated_index, True))
             best, receiver = weights.max(dim=1)
             receiver = torch.where(best > 0, receiver + num_prefix, torch.full_like(receiver, -1))
-            new_index_of_old = torch.full((batch, num_tokens), -1, dtype=torch.long, device=x.device)
-            new_index_of_old.scatter_(1, index, torch.arange(index.shape[1], device=x.device).expand(batch, -1))
-            new_index_of_old.scatter_(1, propagated_index, receiver)
-            owner = remap_owner(owner, new_index_of_old)
+            destination = kept_destination(index, num_tokens).scatter_(1, propagated_index, receiver)
+            owner = remap_owner(owner, destination)
 
         return state.replace(x=x_new, size=size, owner=owner, extras={**state.extras, ALIVE_KEY: alive_kept})
 
