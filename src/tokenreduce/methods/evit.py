@@ -1,5 +1,5 @@
 """EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022): keep the attentive tokens and
-fuse the inattentive ones into one token, their average weighted by the CLS attention."""
+fuse the inattentive ones into one token, their sum weighted by their CLS attention (``specs/baselines.md``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from ..core.ops import gather_tokens, keep_tokens
 from ..core.state import TokenState
 from .base import register
 from .topk import DEFAULT_LAYERS, TopK, cls_scores, top_image_tokens
+
+#: How the dropped tokens are fused: EViT's attention-weighted sum, or the renormalised weighted average.
+FUSE_MODES = ("sum", "mean")
 
 
 @register
@@ -20,16 +23,24 @@ class EViT(TopK):
         r: instead of keep_rate, the number of image tokens dropped per block.
         layers: reducing blocks (default (3, 6, 9), the DeiT setting).
         prop_attn: add log(size) to the logits; the fused token's size is the sum of what it holds.
+        fuse: "sum" (default, EViT's definition and public code): ``x_fused = sum_i a_i x_i`` over the dropped
+            tokens, ``a_i`` their CLS attention (mean over heads), not renormalised, so the fused token is as
+            small as the attention share the dropped tokens had; "mean": the weights renormalised to sum to 1
+            (a weighted average; not EViT).
 
-    A block drops ``d`` tokens and adds one, so it shrinks the sequence by ``d - 1``; it must drop at least
+    In later reducing blocks the fused token is an ordinary image token: it can be kept, or dropped and fused
+    again. A block drops ``d`` tokens and adds one, so it shrinks the sequence by ``d - 1``; it must drop at least
     two tokens to shrink it at all.
     """
 
     name = "evit"
 
     def __init__(self, keep_rate: float | None = None, r=None, layers=DEFAULT_LAYERS,
-                 prop_attn: bool = False) -> None:
+                 prop_attn: bool = False, fuse: str = "sum") -> None:
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"{self.name}: unknown fuse {fuse!r}; valid: {', '.join(FUSE_MODES)}")
         super().__init__(keep_rate=keep_rate, r=r, layers=layers, prop_attn=prop_attn)
+        self.options["fuse"] = self.fuse = fuse
 
     def step(self, block: int, num_tokens: int, num_prefix: int, amount: int) -> tuple[int, int, str]:
         drop = self.dropped(block, num_tokens, num_prefix, amount)
@@ -41,7 +52,8 @@ class EViT(TopK):
         keep, drop = top_image_tokens(scores, scores.shape[1] - amount)
         drop_idx = drop + num_prefix
         weight = scores.gather(1, drop).unsqueeze(-1)
-        weight = weight / weight.sum(dim=1, keepdim=True)
+        if self.fuse == "mean":
+            weight = weight / weight.sum(dim=1, keepdim=True)
         fused_x = (gather_tokens(state.x, drop_idx) * weight.to(state.x.dtype)).sum(dim=1, keepdim=True)
         fused_size = gather_tokens(state.sizes(), drop_idx).sum(dim=1, keepdim=True)
 
