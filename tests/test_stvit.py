@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
-from tokenreduce.stvit import build
-from tokenreduce.stvit.model import GenerationLayer
+from tokenreduce.core.attention import attention
+from tokenreduce.stvit import build, pooling
+from tokenreduce.stvit.model import CrossAttention, GenerationLayer
 from tokenreduce.stvit.pooling import TokenPooling, region_index
 
 
@@ -91,6 +92,22 @@ def test_generation_layer_is_the_pretrained_block_when_queries_are_the_keys():
         assert torch.allclose(layer(queries, x), expected, atol=1e-5)
 
 
+def test_one_attention_kernel_for_self_and_cross_attention():
+    """The core kernel with a timm Attention (fused qkv) is the module itself; given a separate context it splits
+    qkv into q and kv and equals STViT's CrossAttention (separate q and kv Linears) built from it."""
+    attn = tiny(qk_norm=True).blocks[2].attn
+    x, queries = torch.randn(2, 17, 48), torch.randn(2, 5, 48)
+    with torch.no_grad():
+        assert torch.equal(attention(attn, x)[0], attn(x))
+        assert torch.equal(attention(attn, x, context=x)[0], attn(x))
+        cross = CrossAttention(attn)
+        torch.testing.assert_close(attention(attn, queries, context=x)[0], cross(queries, x), atol=1e-6, rtol=0)
+        out, stats = attention(cross, queries, context=x, need=("cls_attn", "metric", "value_norm", "attn"))
+        assert stats["attn"].shape == (2, 3, 5, 17) and stats["cls_attn"].shape == (2, 3, 17)
+        assert stats["metric"].shape == (2, 17, 16) and stats["value_norm"].shape == (2, 17)
+        torch.testing.assert_close(out, cross(queries, x), atol=1e-6, rtol=0)
+
+
 def test_forward_follows_the_paper_equations():
     model = tiny(depth=5, img_size=64)
     stvit = build(model, num_semantic=4, full_blocks=1, generation_layers=2)
@@ -148,6 +165,40 @@ def test_gradients_reach_new_and_pretrained_parameters():
     assert named["vit.cls_token"].grad.abs().sum() > 0  # the CLS token shapes the full blocks' image tokens
 
 
+def test_evaluated_under_inference_mode_then_trained():
+    """Index tables first built under inference_mode must not reach a training step ("Inference tensors cannot
+    be saved for backward")."""
+    for recover in (False, True):
+        pooling._INDEX_CACHE.clear()  # the tables are made by the inference-mode pass below
+        options = {"unit_depth": 3} if recover else {"full_blocks": 1}
+        stvit = build(tiny(4, img_size=80), num_semantic=4, recover=recover, **options)
+        images = torch.randn(2, 3, 80, 80)
+        with torch.inference_mode():
+            expected = stvit.eval()(images)
+        logits = stvit.train()(images)
+        logits.logsumexp(-1).sum().backward()
+        assert all(p.grad is not None for p in stvit.parameters() if p.requires_grad)
+        torch.testing.assert_close(stvit.eval()(images).detach(), expected)
+
+
+def test_index_cache_is_bounded():
+    pooling._INDEX_CACHE.clear()
+    pool = TokenPooling("avg", 6, 2)
+    for side in range(2, 2 + 2 * pooling.MAX_CACHED_INDEX):
+        pool(torch.randn(1, side * side, 6), (side, side))
+        assert len(pooling._INDEX_CACHE) <= pooling.MAX_CACHED_INDEX
+
+
+def test_compiled_stvit_matches_eager():
+    """One graph (fullgraph=True: no host syncs), also when the index tables are not cached yet."""
+    stvit = build(tiny(3, img_size=64), num_semantic=4, full_blocks=1).eval()
+    images = torch.randn(2, 3, 64, 64)
+    pooling._INDEX_CACHE.clear()
+    with torch.no_grad():
+        compiled = torch.compile(stvit, fullgraph=True)(images)
+        torch.testing.assert_close(compiled, stvit(images), atol=1e-5, rtol=1e-5)
+
+
 def test_flops_reproduce_the_paper_for_deit_small():
     deit_s = timm.create_model("deit_small_patch16_224", pretrained=False)
     for options, paper, exact in (({}, 1.91, 1.9153244), ({"generation_layers": 3}, 1.97, 1.9755356),
@@ -161,6 +212,8 @@ def test_flops_reproduce_the_paper_for_deit_small():
         assert report.blocks[-1].tokens_out == 16
     assert tr.flops(build(deit_s, pooling="avg")).overhead_gmacs == 0
     assert tr.flops(build(deit_s)).overhead_gmacs == pytest.approx(10 * 196 * 384 / 1e9)
+    no_full = tr.flops(build(deit_s, full_blocks=0))  # no host block left in ``vit``: the cost still counts
+    assert [b.tokens_in for b in no_full.blocks][:3] == [196, 212, 16]
 
 
 @pytest.mark.parametrize(("model_name", "kwargs", "options"), [

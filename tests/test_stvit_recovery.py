@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
 import tokenreduce.stvit
+from tokenreduce.adapters.timm_vit import embed
 from tokenreduce.stvit.recovery import RecoveryLayer, STViTR, STViTRSwin
 
 
@@ -40,7 +41,7 @@ def test_vit_recovery_returns_the_original_grid(extra):
     assert stvit.forward_features(images).shape == model.forward_features(images).shape  # prefix + 16 patches
     assert stvit(images).shape == (2, 5)
     # LayerScale 1e-5: a fresh unit hands back (almost) the tokens of its full block, i.e. host blocks 0-2
-    reference = model.norm(model.blocks[:3](model.norm_pre(model._pos_embed(model.patch_embed(images)))))
+    reference = model.norm(model.blocks[:3](embed(model, images).x))
     prefix = model.num_prefix_tokens
     torch.testing.assert_close(stvit.forward_features(images)[:, prefix:], reference[:, prefix:], atol=2e-3, rtol=0)
 

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
 import tokenreduce.stvit
+from tokenreduce.stvit import pooling
 from tokenreduce.stvit.swin import STViTSwin, fit_block, key_windows, window_regions
 
 SIZES = {"swin_tiny_patch4_window7_224": (6, 4), "swin_small_patch4_window7_224": (18, 12),
@@ -171,6 +172,30 @@ def test_gradients_reach_new_and_pretrained_parameters():
                  "swin.layers.2.blocks.0.attn.relative_position_bias_table", "swin.layers.0.blocks.0.attn.qkv.weight",
                  "swin.layers.3.blocks.0.attn.qkv.weight", "swin.head.fc.weight"):
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_evaluated_under_inference_mode_then_trained(recover):
+    """Pooling regions and key windows first built under inference_mode must not reach a training step."""
+    pooling._INDEX_CACHE.clear()  # the tables are made by the inference-mode pass below
+    options = {"recover": True, "unit_depth": 4} if recover else {"full_blocks": 1}
+    stvit = tr.stvit.build(tiny_swin(112), tokens_per_window=4, **options)
+    images = torch.randn(2, 3, 112, 112)
+    with torch.inference_mode():
+        expected = stvit.eval()(images)
+    stvit.train()(images).logsumexp(dim=1).sum().backward()
+    assert all(p.grad is not None for p in stvit.parameters() if p.requires_grad)
+    torch.testing.assert_close(stvit.eval()(images).detach(), expected)
+
+
+def test_compiled_matches_eager():
+    """One graph (fullgraph=True: no host syncs), also when the index tables are not cached yet."""
+    stvit = tr.stvit.build(tiny_swin(112, depths=(1, 1, 3, 1)), tokens_per_window=4, full_blocks=1).eval()
+    images = torch.randn(2, 3, 112, 112)
+    pooling._INDEX_CACHE.clear()
+    with torch.no_grad():
+        compiled = torch.compile(stvit, fullgraph=True)(images)
+        torch.testing.assert_close(compiled, stvit(images), atol=1e-5, rtol=1e-5)
 
 
 def test_short_training_lowers_the_loss():

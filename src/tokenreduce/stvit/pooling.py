@@ -28,7 +28,10 @@ _INDEX_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 def cached_index(key: tuple, device: torch.device, build: Callable[[], tuple[torch.Tensor, ...]]
                  ) -> tuple[torch.Tensor, ...]:
-    """The tensors ``build()`` returns (built on the host, moved to ``device``), cached per ``(key, device)``."""
+    """The tensors ``build()`` returns (built on the host, moved to ``device``), cached per ``(key, device)``.
+    Traced by ``torch.compile`` on a cold cache, they become constants of the graph and are not cached."""
+    if torch.compiler.is_compiling():
+        return tuple(t.to(device) for t in build())
     full_key = (*key, torch.device(device))
     tables = _INDEX_CACHE.get(full_key)
     if tables is None:
@@ -61,6 +64,10 @@ def region_index(grid: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.
     >>> idx.tolist(), valid.all().item()
     ([[0], [1], [2], [3]], True)
     """
+    return _padded(_regions(grid, side))
+
+
+def _regions(grid: tuple[int, int], side: int) -> list[list[int]]:
     height, width = grid
     if height < side or width < side:
         raise ValueError(f"a {height}x{width} token grid cannot be pooled into {side}x{side} semantic tokens")
@@ -68,7 +75,7 @@ def region_index(grid: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.
     def spans(n: int) -> list[range]:
         return [range(i * n // side, math.ceil((i + 1) * n / side)) for i in range(side)]
 
-    return _padded([[r * width + c for r in rows for c in cols] for rows in spans(height) for cols in spans(width)])
+    return [[r * width + c for r in rows for c in cols] for rows in spans(height) for cols in spans(width)]
 
 
 def _padded(regions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +100,8 @@ def window_regions(grid: tuple[int, int], window: tuple[int, int], side: int) ->
         if len(rows) < side or len(cols) < side:
             raise ValueError(f"a {len(rows)}x{len(cols)} window of the {grid[0]}x{grid[1]} grid cannot hold "
                              f"{side}x{side} semantic tokens")
-        local, valid = region_index((len(rows), len(cols)), side)
-        for idx, ok in zip(local.tolist(), valid.tolist(), strict=True):
-            regions.append([(rows[0] + i // len(cols)) * grid[1] + cols[0] + i % len(cols)
-                            for i, v in zip(idx, ok, strict=True) if v])
+        regions += [[(rows[0] + i // len(cols)) * grid[1] + cols[0] + i % len(cols) for i in region]
+                    for region in _regions((len(rows), len(cols)), side)]
     return _padded(regions)
 
 
