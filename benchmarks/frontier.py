@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="0.7,0.5,0.85,0.6",
                         help="target GMACs as fractions of unreduced, evaluated in this order (level-major)")
     parser.add_argument("--methods", default=None, help="comma list (default: every training-free method)")
+    parser.add_argument("--keep-other-methods", action="store_true",
+                        help="with --methods: keep the points of the other methods from the existing "
+                             "OUT/frontier.json (marked 'kept_from_previous_run'), e.g. after one method changed")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--speed-batch", type=int, default=32)
     parser.add_argument("--speed-rounds", type=int, default=2)
@@ -246,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "points": [],
         "skipped": {},
     }
+    previous = args.out / "frontier.json"
+    if args.keep_other_methods and args.methods and previous.is_file():
+        kept = [p for p in json.loads(previous.read_text())["points"] if p["method"] not in names]
+        result["points"] += [{**p, "kept_from_previous_run": True} for p in kept]
+        print(f"kept {len(kept)} points of other methods from {previous}", flush=True)
     for level in levels:
         for name in names:
             try:

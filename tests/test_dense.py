@@ -252,3 +252,15 @@ def test_gtp_graph_made_under_inference_mode_serves_training_later():
 
 def test_model_cases_are_the_engine_cases():
     assert set(POOLING_CASES) <= set(MODEL_CASES)
+
+
+def test_caches_stay_bounded():
+    from tokenreduce.methods import gtp
+
+    for side in range(2, 2 + 3 * gtp.MAX_CACHED_GRIDS):
+        gtp.spatial_graph((side, side))
+    assert 0 < len(gtp._SPATIAL_CACHE) <= gtp.MAX_CACHED_GRIDS
+    method = create_method("tome", r=1)
+    for n in range(10, 200):
+        method.plan(n, 1, 2)
+    assert 0 < len(method._plans) <= 32

@@ -178,20 +178,23 @@ class Method:
     def plan(self, num_tokens: int, num_prefix: int, depth: int) -> Plan:
         """The schedule for an input of ``num_tokens`` tokens (cached per shape)."""
         key = (num_tokens, num_prefix, depth)
-        if key not in self._plans:
-            if len(self._plans) >= MAX_CACHED_PLANS:  # one entry per input shape: bounded, cheap to rebuild
-                self._plans.clear()
-            amounts, tokens_in, tokens_out, notes = [], [], [], []
-            n = num_tokens
-            for block, requested in enumerate(self.amounts(depth)):
-                tokens_in.append(n)
-                used, n, note = self.step(block, n, num_prefix, requested) if requested else (0, n, "")
-                amounts.append(used)
-                tokens_out.append(n)
-                if note:
-                    notes.append(note)
-            self._plans[key] = Plan(tuple(amounts), tuple(tokens_in), tuple(tokens_out), tuple(notes))
-        return self._plans[key]
+        cached = self._plans.get(key)  # one lookup: another thread may clear the cache between two
+        if cached is not None:
+            return cached
+        amounts, tokens_in, tokens_out, notes = [], [], [], []
+        n = num_tokens
+        for block, requested in enumerate(self.amounts(depth)):
+            tokens_in.append(n)
+            used, n, note = self.step(block, n, num_prefix, requested) if requested else (0, n, "")
+            amounts.append(used)
+            tokens_out.append(n)
+            if note:
+                notes.append(note)
+        plan = Plan(tuple(amounts), tuple(tokens_in), tuple(tokens_out), tuple(notes))
+        if len(self._plans) >= MAX_CACHED_PLANS:  # one entry per input shape: bounded, cheap to rebuild
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     # --- forward hooks --------------------------------------------------------------------------
     def needs(self, block: int, plan: Plan) -> frozenset[str]:

@@ -60,17 +60,19 @@ def spatial_graph(grid: tuple[int, int], device: torch.device | str = "cpu") -> 
 
 def _spatial(grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
-    if key not in _SPATIAL_CACHE:
-        if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
-            _SPATIAL_CACHE.clear()
+    graphs = _SPATIAL_CACHE.get(key)  # one lookup: another thread may clear the cache between two
+    if graphs is None:
         h, w = key[0]
         with torch.inference_mode(False):
             rows = torch.arange(h, device=device).repeat_interleave(w)
             cols = torch.arange(w, device=device).repeat(h)
             chebyshev = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())
             adjacency = chebyshev == 1
-            _SPATIAL_CACHE[key] = (adjacency, normalise_graph(adjacency))
-    return _SPATIAL_CACHE[key]
+            graphs = (adjacency, normalise_graph(adjacency))
+        if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
+            _SPATIAL_CACHE.clear()
+        _SPATIAL_CACHE[key] = graphs
+    return graphs
 
 
 def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
