@@ -14,6 +14,7 @@ import torch
 
 import tokenreduce as tr
 import tokenreduce.stvit
+from tokenreduce.core.cost import FlopsReport
 
 # (model, method, options, published GMACs, source)
 CASES = [
@@ -44,7 +45,7 @@ CASES = [
 ]
 
 
-def cost(model_name: str, method: str | None, options: dict) -> tr.measure.FlopsReport:
+def cost(model_name: str, method: str | None, options: dict) -> FlopsReport:
     if method == "stvit" and model_name.startswith("deit"):  # the ViT build copies weights: real (random) ones
         return tr.flops(tr.stvit.build(timm.create_model(model_name, pretrained=False), **options))
     with torch.device("meta"):
