@@ -14,6 +14,10 @@ import tokenreduce as tr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The pooled share per block comes from ``tr.diagnostics`` (no state written on the module during forward).
+HAS_DIAGNOSTICS = hasattr(tr, "diagnostics")
+needs_diagnostics = pytest.mark.skipif(not HAS_DIAGNOSTICS, reason="tr.diagnostics(model, images) not in src yet")
+
 SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 3, "img_size": 96}  # 36 patches, 37 tokens with CLS
 LAYERS, R = (1, 3), 6
 
@@ -30,13 +34,17 @@ def images(batch: int, seed: int = 1, size: int = 96) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=generator) * scale
 
 
-def reference_scores(block: torch.nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """The ATS score computed independently from the block's full attention map (no size bias: all 1)."""
+def reference_scores(block: torch.nn.Module, x: torch.Tensor, num_prefix: int,
+                     size: torch.Tensor | None = None) -> torch.Tensor:
+    """The ATS score computed independently from the block's full attention map (log-size bias if sizes)."""
     attn = block.attn
     batch, num_tokens, channels = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    probs = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    if size is not None:
+        logits = logits + size.log().view(batch, 1, 1, num_tokens)
+    probs = logits.softmax(dim=-1)
     cls_to_images = probs[:, :, 0, num_prefix:].sum(dim=1)
     value_norm = v.transpose(1, 2).reshape(batch, num_tokens, channels).norm(dim=-1)[:, num_prefix:]
     weighted = cls_to_images * value_norm
@@ -72,7 +80,7 @@ def test_registered_and_options():
     assert info["method"] == "ppt"
     assert info["options"] == {"r": R, "layers": LAYERS, "threshold": 7e-5, "prop_attn": True}
     assert info["schedule"] == [0, 6, 0, 6]
-    assert info["last_forward"] == {}
+    assert "last_forward" not in info and "pooled_share" not in info  # nothing from a forward pass in describe
 
 
 def test_policy_on_hand_computed_scores():
@@ -123,7 +131,6 @@ def test_threshold_zero_is_top_k_of_ats_score_in_descending_order():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.norm(states[-1].x), model.norm(x), atol=1e-5, rtol=1e-5)
     assert torch.equal(states[-1].size, torch.ones_like(states[-1].size))  # pruning keeps sizes
-    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: 0.0, 3: 0.0}}
 
 
 @pytest.mark.parametrize("threshold", [1e9, math.inf])
@@ -144,7 +151,6 @@ def test_high_threshold_is_exactly_tome(threshold):
         if ppt_state.size is not None:
             assert torch.equal(ppt_state.size, tome_state.size)
     assert ppt_states[-1].size.sum(dim=1).flatten().tolist() == [37.0] * 4  # every patch is counted once
-    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: 1.0, 3: 1.0}}
 
 
 def test_mixed_batch_selects_per_image_and_matches_single_runs():
@@ -155,16 +161,15 @@ def test_mixed_batch_selects_per_image_and_matches_single_runs():
     with torch.no_grad():
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
         together = model(batch)
-        share = tr.describe(model)["last_forward"]["pooled_share"]
         mixed_first = tr.trace(model, batch)[LAYERS[0]]
         alone = torch.cat([model(batch[i : i + 1]) for i in range(len(batch))])
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=0.0)
         pruned_first = tr.trace(model, batch)[LAYERS[0]]
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=math.inf)
         pooled_first = tr.trace(model, batch)[LAYERS[0]]
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    assert share[LAYERS[0]] == 0.5
-    assert 0.0 <= share[LAYERS[1]] <= 1.0
+    # Both policies and the per-image selection run in each batch size: only the matmul blocking differs
+    # (measured <= 2.4e-7 on |logits| <= 1.2).
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
     for i, pooled in enumerate(pools.tolist()):
         chosen, other = (pooled_first, pruned_first) if pooled else (pruned_first, pooled_first)
         assert torch.equal(mixed_first.x[i], chosen.x[i])
@@ -214,9 +219,9 @@ def test_prefix_tokens_survive_both_branches(name, num_prefix, threshold):
             plain = blk(plain)
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
         states = tr.trace(model, batch)
-        model(batch)
-    policy = 1.0 if threshold == math.inf else 0.0
-    assert tr.describe(model)["last_forward"] == {"pooled_share": {1: policy, 3: policy}}
+    if HAS_DIAGNOSTICS:
+        policy = 1.0 if threshold == math.inf else 0.0
+        assert tr.diagnostics(model, batch) == {"pooled_share": {1: policy, 3: policy}}
     # At the first reducing block the prefix rows are exactly what the unreduced block computes.
     torch.testing.assert_close(states[LAYERS[0]].x[:, :num_prefix], plain[:, :num_prefix], atol=1e-5, rtol=1e-5)
     for state in states[LAYERS[0]:]:
@@ -338,31 +343,78 @@ def test_gradients_flow_in_train_mode():
     model(batch).logsumexp(dim=-1).sum().backward()
     for param in (model.patch_embed.proj.weight, model.blocks[0].attn.qkv.weight, model.blocks[-1].mlp.fc2.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
-    assert tr.describe(model)["last_forward"]["pooled_share"][1] == 0.5
+    if HAS_DIAGNOSTICS:  # the mixed policy ran in train mode too
+        assert tr.diagnostics(model, batch)["pooled_share"][LAYERS[0]] == 0.5
 
 
 def test_bfloat16_and_autocast_run():
     model = small_model()
     batch = images(4)
-    threshold, _ = mixed_threshold(model, batch)
+    threshold, pools = mixed_threshold(model, batch)  # variances 7% or more from the threshold
     with torch.no_grad():
-        expected = model(batch)
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
-        reference = model(batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast_out = model(batch)
-        with torch.autocast("cpu", dtype=torch.float16):
-            half_out = model(batch)
+        reference, reference_first = model(batch), tr.trace(model, batch)[LAYERS[0]]
+        runs = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                runs[f"{dtype} autocast"] = dtype, model(batch), tr.trace(model, batch)[LAYERS[0]]
         model.to(torch.bfloat16)
-        bf16_out = model(batch.to(torch.bfloat16))
-    states = tr.trace(model, batch.to(torch.bfloat16))
-    assert bf16_out.dtype == torch.bfloat16 and bool(torch.isfinite(bf16_out).all())
-    assert states[-1].size.dtype == torch.float32 and states[-1].x.shape[1] == 25
-    assert half_out.dtype == torch.float16
-    for out in (autocast_out, half_out, bf16_out):
-        assert out.shape == expected.shape
-        # Same class ranking in the main: bfloat16 perturbs the values, not the method.
-        assert torch.corrcoef(torch.stack([out.float().flatten(), reference.flatten()]))[0, 1] > 0.95
+        runs["bfloat16 weights"] = torch.bfloat16, model(batch.bfloat16()), tr.trace(model, batch.bfloat16())[LAYERS[0]]
+    roundoff = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+    for name, (dtype, out, first) in runs.items():
+        assert out.dtype == dtype and out.shape == reference.shape and bool(torch.isfinite(out.float()).all())
+        assert first.size.dtype == torch.float32 and first.x.shape[1] == 31
+        # Same policy per image as float32 (scores in float32; the margin is far above the rounding).
+        totals = first.size.sum(dim=(1, 2))
+        assert torch.equal(totals, torch.where(pools, torch.tensor(37.0), torch.tensor(31.0))), name
+        # Where an image keeps or pools the same tokens as in float32 at that block (bfloat16 may flip a near-tie
+        # of the pruning order), its features are within rounding: measured <= 2.2e-3 relative, < u; bound 4 u.
+        same = (first.owner == reference_first.owner).all(dim=1)
+        assert dtype != torch.float16 or same.sum() >= 2, name  # float16 (measured: 3 of 4 images)
+        error = (first.x.float() - reference_first.x).flatten(1).norm(dim=1) / reference_first.x.flatten(1).norm(dim=1)
+        assert bool((error[same] < 4 * roundoff[dtype]).all()), (name, error, same)
+        # Logits: later blocks may flip a near-tie of the bipartite matching (measured <= 0.040 relative in
+        # bfloat16, 9e-4 in float16).
+        logit_error = (out.float() - reference).norm(dim=-1) / reference.norm(dim=-1)
+        assert logit_error.max() < 0.1, (name, logit_error)
+
+
+@needs_diagnostics
+def test_pooled_share_is_exact():
+    """tr.diagnostics gives the share of images that pooled at each block: 0 / 1 at threshold 0 / inf, and on a
+    batch of a peaked and a flat image, the shares computed by hand from the importance scores at both blocks."""
+    from tokenreduce.methods.ppt import importance_scores
+
+    model = small_model()
+    batch = images(4)[[0, 3]]  # contrasts 0.2 and 3.0
+    variances = first_layer_variances(model, batch)
+    peaked, flat = int(variances.argmax()), int(variances.argmin())
+    assert variances[peaked] > 1.5 * variances[flat]
+    threshold = float((variances[peaked] * variances[flat]).sqrt())  # between them, far from both
+    tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=0.0)
+    assert tr.diagnostics(model, batch) == {"pooled_share": {1: 0.0, 3: 0.0}}
+    tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=math.inf)
+    assert tr.diagnostics(model, batch) == {"pooled_share": {1: 1.0, 3: 1.0}}
+    tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
+    with torch.no_grad():
+        before_second = tr.trace(model, batch)[LAYERS[1] - 1]
+        # Block 3's scores by hand: its attention with the log-size bias, CLS row summed over heads, value norms.
+        blk = model.blocks[LAYERS[1]]
+        x, size = before_second.x, before_second.size
+        b, n, c = x.shape
+        qkv = blk.attn.qkv(blk.norm1(x)).reshape(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        probs = (q @ k.transpose(-2, -1) * blk.attn.scale + size.log().view(b, 1, 1, n)).softmax(dim=-1)
+        stats = {"cls_attn": probs[:, :, 0], "value_norm": v.transpose(1, 2).reshape(b, n, c).norm(dim=-1)}
+        second = importance_scores(stats, 1).var(dim=-1)
+    assert bool(((second - threshold).abs() > 0.05 * threshold).all()), "an image sits on the threshold at block 3"
+    expected_second = float((second < threshold).float().mean())
+    assert tr.diagnostics(model, batch) == {"pooled_share": {1: 0.5, 3: expected_second}}
+    # The flat image pooled at block 1 (size total 37: every patch kept), the peaked one pruned (31 tokens of 1).
+    first_totals = tr.trace(model, batch)[LAYERS[0]].size.sum(dim=(1, 2))
+    assert first_totals[flat] == 37.0 and first_totals[peaked] == 31.0
+    with torch.no_grad():
+        assert tr.diagnostics(model, batch[[flat]]) == {"pooled_share": {1: 1.0, 3: float(second[flat] < threshold)}}
 
 
 def test_other_image_size_with_dynamic_img_size():
