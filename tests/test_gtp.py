@@ -325,7 +325,8 @@ def test_r0_equals_unpatched_and_unpatch_restores_exactly():
     with torch.no_grad():
         reference = model(x)
         tr.patch(model, "gtp", r=0, sparsity=0.5)
-        assert torch.allclose(model(x), reference, atol=1e-5)
+        # r=0: timm's own ops, sparsity idle (measured: identical); 1e-6 allows a valid reordering only
+        torch.testing.assert_close(model(x), reference, atol=1e-6, rtol=0)
         tr.patch(model, "gtp", r=4)
         assert not torch.allclose(model(x), reference, atol=1e-3)
         tr.unpatch(model)
@@ -339,7 +340,8 @@ def test_batch_independence(graph):
     with torch.no_grad():
         batched = model(x)
         singles = torch.cat([model(x[i:i + 1]) for i in range(4)])
-    assert torch.allclose(batched, singles, atol=1e-5)
+    # The graph is built per image; only the matmul blocking changes with the batch (measured <= 3.6e-7).
+    torch.testing.assert_close(batched, singles, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name, num_prefix", [
@@ -371,7 +373,7 @@ def test_non_square_grid_with_dynamic_img_size():
     with torch.no_grad():
         reference = model(x)
         tr.patch(model, "gtp", r=0)
-        assert torch.allclose(model(x), reference, atol=1e-5)
+        torch.testing.assert_close(model(x), reference, atol=1e-6, rtol=0)  # as at the default size
         tr.patch(model, "gtp", r=4, graph="mixed", k=4)
         states = tr.trace(model, x)
     assert states[0].grid == (3, 5)
@@ -388,18 +390,36 @@ def test_gradients_reach_parameters_in_train_mode():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_bfloat16():
-    model = tr.patch(small_deit(), "gtp", r=3, sparsity=0.8)
-    x = images()
+@pytest.mark.parametrize("sparsity", [1.0, 0.8])
+def test_bfloat16(sparsity):
+    # Low precision flips near-ties of the token choice (and, with sparsity < 1, of which attention entries are
+    # zeroed): such an image then differs from float32 by more than rounding. The rounding bound (4 unit
+    # roundoffs u) is checked where the choice matches float32's.
+    model = tr.patch(small_deit(), "gtp", r=3, sparsity=sparsity)
+    x = images(8)
     with torch.no_grad():
-        reference = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast_out = model(x)
-        bf16_out = model.to(torch.bfloat16)(x.bfloat16())
-    assert bf16_out.dtype == torch.bfloat16
-    for out in (autocast_out, bf16_out):
-        assert torch.isfinite(out.float()).all()
-        assert torch.allclose(out.float(), reference, atol=0.2)
+        reference, reference_states = model(x), tr.trace(model, x)
+        runs = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                runs[f"{dtype} autocast"] = dtype, model(x), tr.trace(model, x)
+        model.to(torch.bfloat16)
+        runs["bfloat16 weights"] = torch.bfloat16, model(x.bfloat16()), tr.trace(model, x.bfloat16())
+    roundoff = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+    for name, (dtype, out, states) in runs.items():
+        assert out.dtype == dtype and bool(torch.isfinite(out.float()).all()), name
+        assert states[-1].size.dtype == torch.float32, name
+        block = -1 if sparsity == 1.0 else 0  # the whole model, or the first block (sparsified attention)
+        same = (states[block].owner == reference_states[block].owner).all(dim=1)
+        # Measured: float16 keeps every image's choice; bfloat16 3 of 8 at sparsity 1, 3 of 8 at block 0 at 0.8.
+        assert same.sum() >= (4 if dtype == torch.float16 else 1), (name, same)
+        if sparsity == 1.0:  # logits of the images that removed the same tokens everywhere
+            # measured <= 8.6e-3 relative in bfloat16 (2.2 u), 9.8e-4 in float16 (2.0 u)
+            error = (out.float() - reference)[same].norm(dim=-1) / reference[same].norm(dim=-1)
+        else:  # block 0's features; later blocks see differently sparsified maps (logits moved up to 0.07)
+            got, expected = states[0].x.float()[same], reference_states[0].x[same]
+            error = (got - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)  # measured <= 1.3 u
+        assert bool((error < 4 * roundoff[dtype]).all()), (name, error)
 
 
 @pytest.mark.parametrize("options", [
