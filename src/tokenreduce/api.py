@@ -19,7 +19,7 @@ from .core.state import TokenState
 from .methods.base import Method, create_method, method_names
 
 __all__ = ["describe", "diagnostics", "flops", "method_of", "methods", "patch", "patched", "restore",
-           "schedule_for_flops", "trace", "unpatch"]
+           "schedule_for_flops", "trace", "unpatch", "unwrap"]
 
 
 @dataclass
@@ -37,8 +37,26 @@ def methods() -> list[str]:
     return method_names()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``), ``DistributedDataParallel`` and ``DataParallel``
+    (``.module``) wrappers, which every call of this API acts on.
+
+    >>> import torch
+    >>> inner = torch.nn.Linear(2, 2)
+    >>> unwrap(torch.nn.DataParallel(inner)) is inner
+    True
+    """
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def _current(model: nn.Module) -> _Patch | None:
-    return model.__dict__.get("_tokenreduce")
+    return unwrap(model).__dict__.get("_tokenreduce")
 
 
 def _as_method(method: str | Method, options: dict[str, Any]) -> Method:
@@ -59,24 +77,29 @@ def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
     >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224"), "tome", r=13)
     >>> tr.describe(model)["tokens_out"][-1]
     41
+
+    A model wrapped by ``torch.compile``, DDP or ``DataParallel`` is patched inside its wrapper (see
+    :func:`unwrap`); a compiled wrapper recompiles on its next call, since the inner model's class changed.
     """
-    timm_vit.check_supported(model)
+    inner = unwrap(model)
+    timm_vit.check_supported(inner)
     resolved = _as_method(method, options)
-    info = timm_vit.model_info(model)
+    info = timm_vit.model_info(inner)
     resolved.plan(info.num_tokens, info.num_prefix, info.depth)  # raises on impossible schedules
-    current = _current(model)
-    original = current.original_class if current is not None else type(model)
-    model.__class__ = timm_vit.patched_class(original)
-    model._tokenreduce = _Patch(resolved, original)
+    current = _current(inner)
+    original = current.original_class if current is not None else type(inner)
+    inner.__class__ = timm_vit.patched_class(original)
+    inner._tokenreduce = _Patch(resolved, original)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original class; its outputs are then exactly the unpatched ones."""
-    current = _current(model)
+    inner = unwrap(model)
+    current = _current(inner)
     if current is not None:
-        model.__class__ = current.original_class
-        del model._tokenreduce
+        inner.__class__ = current.original_class
+        del inner._tokenreduce
     return model
 
 
@@ -114,6 +137,7 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
     ``tokens_in[i]`` enter block i; its MLP runs on ``tokens_out[i]``. ``notes`` says where the method's own
     definition clamped the schedule. Diagnostics of a forward pass come from :func:`diagnostics`.
     """
+    model = unwrap(model)
     timm_vit.check_supported(model)
     info = timm_vit.model_info(model, img_size)
     method = method_of(model)
@@ -142,6 +166,7 @@ def flops(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> Fl
     >>> round(tr.flops(timm.create_model("deit_small_patch16_224")).gmacs, 2)
     4.6
     """
+    model = unwrap(model)
     own = getattr(model, "tokenreduce_flops", None)
     if callable(own):  # models built by tokenreduce itself (STViT) count their own cost
         return own(img_size)
@@ -160,6 +185,7 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
     >>> tr.schedule_for_flops(timm.create_model("deit_small_patch16_224"), "tome", 2.71)
     {'r': 13}
     """
+    model = unwrap(model)
     timm_vit.check_supported(model)
     if not isinstance(target_gmacs, int | float) or not math.isfinite(target_gmacs) or target_gmacs <= 0:
         raise ValueError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
@@ -205,6 +231,7 @@ def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dens
     >>> [s.x.shape[1] for s in states], tuple(tr.restore(states[-1]).shape)
     ([147, 97], (1, 197, 192))
     """
+    model = unwrap(model)
     timm_vit.check_supported(model)
     states: list[TokenState] = []
     timm_vit.forward_tokens(model, images, method_of(model), track_owner=track_owner, dense=dense,
@@ -217,6 +244,7 @@ def diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     from or written to the model): PPT ``{"pooled_share": {block: share of images that pooled}}``, GTP the
     size of its graph. ``{}`` for an unpatched model or a method without diagnostics.
     """
+    model = unwrap(model)
     method = method_of(model)
     if method is None:
         timm_vit.check_supported(model)

@@ -16,6 +16,7 @@ from timm.layers import Attention
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attention
 from ..core.cost import ModelInfo
@@ -88,6 +89,12 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
     >>> tuple(state.x.shape), state.grid, state.num_prefix
     ((1, 197, 192), (14, 14), 1)
     """
+    if model.training and getattr(model.patch_drop, "prob", 0.0) > 0:
+        # Patch dropout removes random patches before block 0: the grid, the owners and the schedule would no
+        # longer describe the tokens. Refuse rather than train on a silently different model.
+        raise ValueError(f"patch dropout (patch_drop_rate={model.patch_drop.prob}) cannot run with token "
+                         "reduction in train mode; build the model with patch_drop_rate=0 or set "
+                         "model.patch_drop = torch.nn.Identity()")
     x = model.patch_embed(images)
     grid = tuple(x.shape[1:3]) if x.ndim == 4 else grid_for(model, tuple(images.shape[-2:]))
     x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
@@ -108,18 +115,29 @@ def run_blocks(model: VisionTransformer, state: TokenState, method: Any = None, 
     if method is not None:
         plan = method.plan(state.num_tokens, state.num_prefix, len(model.blocks))
         state = method.begin(state, plan)
+    # As timm does: with set_grad_checkpointing(True), recompute each block in the backward pass.
+    use_checkpoint = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
     for i, blk in enumerate(blocks):
-        needs = method.needs(i, plan) if method is not None else ()
-        bias = state.size_bias() if method is not None and method.prop_attn(i) else None
-        transform = method.attn_transform(i, plan) if method is not None else None
-        h, stats = attention(blk.attn, blk.norm1(state.x), bias, needs, has_cls, transform)
-        state = state.replace(x=state.x + blk.drop_path1(blk.ls1(h)))
-        if plan is not None and plan.reduces(i):
-            state = method.reduce(i, state, stats, plan.amounts[i])
-        state = state.replace(x=state.x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(state.x)))))
+        if use_checkpoint:
+            state = checkpoint(block_step, blk, i, state, method, plan, has_cls, use_reentrant=False)
+        else:
+            state = block_step(blk, i, state, method, plan, has_cls)
         if on_block is not None:
             on_block(i, state)
     return state
+
+
+def block_step(blk: Block, i: int, state: TokenState, method: Any, plan: Any, has_cls: bool) -> TokenState:
+    """One block on a token state: attention (with the size bias and the statistics the method needs), the
+    method's reduction where the schedule reduces, then the MLP."""
+    needs = method.needs(i, plan) if method is not None else ()
+    bias = state.size_bias() if method is not None and method.prop_attn(i) else None
+    transform = method.attn_transform(i, plan) if method is not None else None
+    h, stats = attention(blk.attn, blk.norm1(state.x), bias, needs, has_cls, transform)
+    state = state.replace(x=state.x + blk.drop_path1(blk.ls1(h)))
+    if plan is not None and plan.reduces(i):
+        state = method.reduce(i, state, stats, plan.amounts[i])
+    return state.replace(x=state.x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(state.x)))))
 
 
 def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Any = None, track_owner: bool = False,
@@ -155,6 +173,11 @@ class _TokenReduced:
     """Mixed in front of the model's own class while a method is patched in. Every forward entry point runs the
     reduced model: ``forward_features`` and ``forward_intermediates`` (hence ``get_intermediate_layers``) return
     the restored full token grid, so heads written for the unreduced model run unchanged."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The patched class is made at run time, so pickle cannot find it by name: store the original class and
+        # make the patched one again on load (pickle, torch.save, deepcopy, spawned workers).
+        return _new_patched, (self._tokenreduce.original_class,), self.__dict__
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
@@ -209,6 +232,12 @@ class _TokenReduced:
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _new_patched(original: type) -> nn.Module:
+    """An empty instance of the patched subclass of ``original`` (pickle then restores its ``__dict__``)."""
+    cls = patched_class(original)
+    return cls.__new__(cls)
 
 
 def patched_class(cls: type) -> type:
