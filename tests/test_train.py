@@ -72,15 +72,15 @@ def test_killed_run_resumes_to_the_same_weights(folder, tmp_path):
     killed = tiny_model()
     result = train(killed, config(folder, tmp_path / "killed", max_steps=3, **options))  # 2 steps per epoch
     assert result["stopped_early"] and result["epochs_completed"] == 1
-    checkpoint = torch.load(tmp_path / "killed" / "last.pth", weights_only=False)
+    checkpoint = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and checkpoint["step"] == 2
     assert not any(p.name.startswith(".") for p in (tmp_path / "killed").iterdir())  # no temp file left
     resumed = tiny_model()
     train(resumed, config(folder, tmp_path / "killed", resume=str(tmp_path / "killed" / "last.pth"), **options))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
-    final_full = torch.load(tmp_path / "full" / "last.pth", weights_only=False)
-    final_resumed = torch.load(tmp_path / "killed" / "last.pth", weights_only=False)
+    final_full = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    final_resumed = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
     assert final_resumed["step"] == final_full["step"] == 6
     for name, value in final_full["ema"].items():
         assert torch.allclose(value, final_resumed["ema"][name], atol=1e-6), name
@@ -168,3 +168,11 @@ def test_train_takes_the_model_and_method_flags_of_the_other_commands(tmp_path):
     model = build_model(args)
     assert len(model.blocks) == 2 and model.num_classes == 2
     assert tr.describe(model)["schedule"] == [3, 3]
+
+
+def test_resume_refuses_a_checkpoint_that_needs_arbitrary_code(folder, tmp_path):
+    """--resume reads with weights_only=True: a checkpoint that pickles code (here a model object) is refused."""
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": tiny_model(), "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0}, bad)
+    with pytest.raises(ValueError, match="cannot resume from .*bad.pth"):
+        train(tiny_model(), config(folder, tmp_path / "out", resume=str(bad)))

@@ -179,7 +179,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain types and tensors only
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001
