@@ -66,3 +66,27 @@ def test_viz_errors_exit_2(tmp_path, photo, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert main([*argv[:-4], "--image", str(tmp_path / "bad.png"), "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, photo, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the 'viz' extra were not installed
+    argv = ["viz", *TINY, "--method", "tome", "--r", "2", "--image", str(photo), "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    assert 'matplotlib is not installed; it comes with the \'viz\' extra: pip install "tokenreduce[viz]"' in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, photo, monkeypatch):
+    """Only tokenreduce's own errors (and bad paths) become exit 2; anything else keeps its traceback."""
+    from tokenreduce.measure import viz
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(viz, "draw_token_panels", broken)
+    argv = ["viz", *TINY, "--method", "tome", "--r", "2", "--image", str(photo), "--out", str(tmp_path / "x.png")]
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(argv)

@@ -23,12 +23,17 @@ from .api import (
     trace,
     unpatch,
 )
+from .core.errors import InputError, InputTypeError, MissingExtraError, TokenReduceError
 from .core.state import TokenState
 from .methods.base import Method, Plan, register
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "InputError",
+    "InputTypeError",
+    "MissingExtraError",
+    "TokenReduceError",
     "Method",
     "Plan",
     "TokenState",

@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import timm_vit
 from .core.cost import FlopsReport, analytic_flops
+from .core.errors import InputError
 from .core.ops import restore
 from .core.state import TokenState
 from .methods.base import Method, create_method, method_names
@@ -62,7 +63,7 @@ def _current(model: nn.Module) -> _Patch | None:
 def _as_method(method: str | Method, options: dict[str, Any]) -> Method:
     if isinstance(method, Method):
         if options:
-            raise ValueError(f"options {sorted(options)} given with a ready Method instance {method!r}")
+            raise InputError(f"options {sorted(options)} given with a ready Method instance {method!r}")
         return method
     return create_method(method, **options)
 
@@ -188,7 +189,7 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
     model = unwrap(model)
     timm_vit.check_supported(model)
     if not isinstance(target_gmacs, int | float) or not math.isfinite(target_gmacs) or target_gmacs <= 0:
-        raise ValueError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
+        raise InputError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
     info = timm_vit.model_info(model, img_size)
     knob = create_method(method, **options).search_knob
     fixed = {k: v for k, v in options.items() if k not in ("r", "keep_rate")}
@@ -205,7 +206,7 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
         # Cost grows with keep_rate: bisect for the largest keep_rate under the target.
         low, high = 1e-4, 1.0
         if cost(low) > target_gmacs:
-            raise ValueError(f"{method} cannot reach {target_gmacs} GMACs on this model "
+            raise InputError(f"{method} cannot reach {target_gmacs} GMACs on this model "
                              f"(lowest {cost(low):.3f} at keep_rate={low})")
         for _ in range(40):
             mid = (low + high) / 2
@@ -215,7 +216,7 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
     for r in range(info.num_tokens):
         if cost(r) <= target_gmacs:
             return {**fixed, knob: r}
-    raise ValueError(f"{method} cannot reach {target_gmacs} GMACs on this model "
+    raise InputError(f"{method} cannot reach {target_gmacs} GMACs on this model "
                      f"(unreduced {cost(0):.3f}); try a larger target")
 
 

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .core.errors import TokenReduceError
+
 COMMANDS = ("flops", "bench", "eval", "viz", "demo", "train")
 
 
@@ -36,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (TokenReduceError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # Bad input (tokenreduce's own errors) or a bad path: one line, exit 2. Anything else is a bug in the
+        # library and keeps its traceback (exit 1).
         print(f"tokenreduce {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+from .core.errors import InputError, InputTypeError
 from .measure.checkpoint import load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -130,7 +131,7 @@ def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Ca
         steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         return transforms.Compose(steps)
     if config.transform != "model":
-        raise ValueError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize<N>')")
+        raise InputError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize<N>')")
     data_config = resolve_data_config({}, model=unwrap(_host_vit(model)))
     if not training:
         return create_transform(**data_config, is_training=False)
@@ -183,11 +184,11 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"cannot resume from {str(path)!r} (corrupt or not a checkpoint): {err}") from err
+        raise InputError(f"cannot resume from {str(path)!r} (corrupt or not a checkpoint): {err}") from err
     needed = {"model", "optimizer", "scheduler", "epoch", "step"}
     if not isinstance(state, dict) or not needed <= set(state):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{str(path)!r} is not a training checkpoint (needs {sorted(needed)}, has {have})")
+        raise InputError(f"{str(path)!r} is not a training checkpoint (needs {sorted(needed)}, has {have})")
     return state
 
 
@@ -199,13 +200,13 @@ def freeze_first_blocks(model: nn.Module, count: int) -> list[str]:
     an STViT model (whose full blocks come first); returns the frozen parameter names."""
     host = _host_vit(model)
     if not hasattr(host, "blocks") or not hasattr(host, "patch_embed"):
-        raise TypeError(f"cannot freeze blocks of a {type(host).__name__}: it has no .blocks/.patch_embed")
+        raise InputTypeError(f"cannot freeze blocks of a {type(host).__name__}: it has no .blocks/.patch_embed")
     blocks = list(host.blocks)
     if hasattr(unwrap(model), "semantic_blocks"):
         stvit = unwrap(model)
         blocks = blocks + list(stvit.generation) + list(stvit.semantic_blocks)
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(blocks):
-        raise ValueError(f"freeze_blocks={count!r} must be between 0 and the depth {len(blocks)}")
+        raise InputError(f"freeze_blocks={count!r} must be between 0 and the depth {len(blocks)}")
     if count == 0:
         return []
     frozen = [host.patch_embed, *blocks[:count]]
@@ -283,7 +284,7 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     frozen = freeze_first_blocks(model, config.freeze_blocks) if config.freeze_blocks else []
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise InputError("nothing to train: every parameter is frozen")
 
     dataset = _image_folder(config.data, _data_transform(model, config, training=True))
     if config.subset is not None and config.subset < len(dataset):
@@ -295,7 +296,7 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images give no full batch of {config.batch_size} x {world} processes")
+        raise InputError(f"{len(dataset)} images give no full batch of {config.batch_size} x {world} processes")
     total_steps = steps_per_epoch * config.epochs
 
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attention
 from ..core.cost import ModelInfo
+from ..core.errors import InputError, InputTypeError
 from ..core.ops import restore
 from ..core.state import TokenState
 
@@ -44,7 +45,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 def check_supported(model: nn.Module) -> None:
     reason = unsupported_reason(model)
     if reason is not None:
-        raise TypeError(f"tokenreduce cannot patch this model: {reason}")
+        raise InputTypeError(f"tokenreduce cannot patch this model: {reason}")
 
 
 def grid_for(model: VisionTransformer, img_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
@@ -91,7 +92,7 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
     if model.training and getattr(model.patch_drop, "prob", 0.0) > 0:
         # Patch dropout removes random patches before block 0: the grid, the owners and the schedule would no
         # longer describe the tokens. Refuse rather than train on a silently different model.
-        raise ValueError(f"patch dropout (patch_drop_rate={model.patch_drop.prob}) cannot run with token "
+        raise InputError(f"patch dropout (patch_drop_rate={model.patch_drop.prob}) cannot run with token "
                          "reduction in train mode; build the model with patch_drop_rate=0 or set "
                          "model.patch_drop = torch.nn.Identity()")
     x = model.patch_embed(images)
@@ -164,7 +165,7 @@ def uses_dense_head(model: VisionTransformer) -> bool:
 
 def _refuse_masks(entry: str, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
-        raise ValueError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
+        raise InputError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
                          "they would mask are merged or removed); tr.unpatch(model) first")
 
 
@@ -198,7 +199,7 @@ class _TokenReduced:
         the full grid (``core.ops.restore``), with timm's arguments and return types."""
         _refuse_masks("forward_intermediates", attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={output_fmt!r}: must be 'NCHW' or 'NLC'")
+            raise InputError(f"output_fmt={output_fmt!r}: must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         take = set(take)
         grids: list[torch.Tensor] = []

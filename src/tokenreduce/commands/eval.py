@@ -13,6 +13,7 @@ import argparse
 import copy
 import sys
 
+from ..core.errors import InputError
 from . import _common
 
 NAME = "eval"
@@ -57,20 +58,20 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.evaluate import close_distributed, evaluate_pair, init_distributed
 
     if args.limit is not None and args.limit <= 0:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
+        raise InputError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     name, options = _common.method_options(args)
     files, labels, classes = image_list(args.data, args.labels)
     if not files:
-        raise ValueError(f"no images found in {args.data!r}")
+        raise InputError(f"no images found in {args.data!r}")
     extra = {"img_size": args.img_size} if args.img_size is not None and args.model != _common.DEMO_MODEL else {}
     unreduced = _common.build_model(args, **extra)
     reduced = _common.patch_model(copy.deepcopy(unreduced), name, options)
     config, transform = preprocessing(unreduced, args)
     num_classes = getattr(unreduced, "num_classes", 0)
     if not num_classes:
-        raise ValueError(f"model {args.model!r} has no classifier head (num_classes=0): eval compares class "
+        raise InputError(f"model {args.model!r} has no classifier head (num_classes=0): eval compares class "
                          f"predictions; use a model with a head or --checkpoint with one")
     if classes and num_classes and len(classes) != num_classes:
         print(f"warning: {len(classes)} class folders but the model has {num_classes} outputs; labels are the "

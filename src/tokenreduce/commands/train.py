@@ -11,6 +11,7 @@ import ast
 import os
 from pathlib import Path
 
+from ..core.errors import InputError
 from ._common import parse_pairs
 
 NAME = "train"
@@ -78,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--option {text!r} is not KEY=VALUE")
+        raise InputError(f"--option {text!r} is not KEY=VALUE")
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -94,7 +95,7 @@ def build_model(args: argparse.Namespace):
     from tokenreduce.measure.checkpoint import load_checkpoint, read_state_dict
 
     if args.stvit and args.method:
-        raise ValueError("--stvit and --method exclude each other")
+        raise InputError("--stvit and --method exclude each other")
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
@@ -109,7 +110,7 @@ def build_model(args: argparse.Namespace):
     try:
         model = timm.create_model(args.model, **kwargs)
     except RuntimeError as err:
-        raise ValueError(f"--model {args.model!r}: {err}") from err
+        raise InputError(f"--model {args.model!r}: {err}") from err
     # weights of the host model are loaded before building; weights of a built STViT model after
     built_weights = False
     if args.checkpoint:

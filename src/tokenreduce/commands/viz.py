@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.errors import InputError
 from . import _common
 
 NAME = "viz"
@@ -43,7 +44,7 @@ def load_image(model, path: str, crop_pct: float | None = None):
     except FileNotFoundError:
         raise
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path!r}: {err}") from err
+        raise InputError(f"cannot read image {path!r}: {err}") from err
     tensor = create_transform(**config, is_training=False)(rgb).unsqueeze(0)
     mean = np.array(config["mean"]).reshape(3, 1, 1)
     std = np.array(config["std"]).reshape(3, 1, 1)
@@ -62,7 +63,7 @@ def draw(model, name: str | None, options: dict, image_path: str, out: str, bloc
     blocks = default_blocks(depth) if blocks is None else blocks
     for block in blocks:
         if not 0 <= block < depth:
-            raise ValueError(f"--blocks: block {block} is outside the model's blocks 0..{depth - 1}")
+            raise InputError(f"--blocks: block {block} is outside the model's blocks 0..{depth - 1}")
     images, picture = load_image(model, image_path, crop_pct)
     _common.patch_model(model, name, options)
     import torch
@@ -81,7 +82,7 @@ def draw(model, name: str | None, options: dict, image_path: str, out: str, bloc
 def run(args: argparse.Namespace) -> int:
     name, options = _common.method_options(args)
     if name == _common.STVIT:
-        raise ValueError("viz draws where each patch went; STViT replaces the image tokens by semantic tokens, "
+        raise InputError("viz draws where each patch went; STViT replaces the image tokens by semantic tokens, "
                          "so there is no per-patch picture to draw")
     blocks = _common.parse_ints(args.blocks, "--blocks")
     model = _common.build_model(args)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 STATISTICS = frozenset({"metric", "cls_attn", "value_norm", "attn"})
 
 
@@ -99,7 +101,7 @@ def attention(
     """
     unknown = set(need) - STATISTICS
     if unknown:
-        raise ValueError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+        raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
     batch, num_q, _ = x.shape
     q, k, v = project(attn, x, context)
     bias = None if size_bias is None else size_bias.to(q.dtype)

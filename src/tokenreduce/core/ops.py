@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import InputError
 from .state import TokenState
 
 
@@ -228,7 +229,7 @@ def restore(state: TokenState) -> torch.Tensor:
     [9.0, 1.0, 2.0, 3.0]
     """
     if state.left is None or state.owner is None:
-        raise ValueError("restore needs a state with dense tracking (owner and left); trace the model with "
+        raise InputError("restore needs a state with dense tracking (owner and left); trace the model with "
                          "tr.trace(model, images) or build the state with TokenState.tracked(dense=True)")
     carried = gather_tokens(state.x, state.owner.clamp(min=0))
     image = torch.where(state.left.unsqueeze(-1), state.left_x.to(carried.dtype), carried)

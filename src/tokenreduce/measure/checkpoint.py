@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+
 #: Keys under which training scripts commonly nest the model's state dict.
 NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
@@ -35,13 +37,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: every reader raises its own type
         first_line = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {first_line}") from err
+        raise InputError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {first_line}") from err
     for key in NESTED_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {str(path)!r} holds no state dict of tensors (got {type(state).__name__})")
+        raise InputError(f"checkpoint {str(path)!r} holds no state dict of tensors (got {type(state).__name__})")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
@@ -72,7 +74,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatches (file vs model): {_listing(wrong_shape)}")
     if problems:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise InputError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
 

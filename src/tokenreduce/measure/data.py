@@ -18,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..core.errors import InputError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
 
@@ -38,11 +40,11 @@ def image_list(data_dir: str | Path, labels_csv: str | Path | None = None) -> tu
                 if not row or (row_number == 1 and not row[-1].strip().lstrip("-").isdigit()):
                     continue  # blank line or header
                 if len(row) < 2:
-                    raise ValueError(f"{labels_csv}:{row_number}: expected 'file,label', got {row!r}")
+                    raise InputError(f"{labels_csv}:{row_number}: expected 'file,label', got {row!r}")
                 try:
                     labels.append(int(row[1]))
                 except ValueError as err:
-                    raise ValueError(f"{labels_csv}:{row_number}: label {row[1]!r} is not an integer") from err
+                    raise InputError(f"{labels_csv}:{row_number}: label {row[1]!r} is not an integer") from err
                 files.append(root / row[0].strip())
         return files, labels, []
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import api
+from ..core.errors import InputError
 
 
 @dataclass
@@ -127,7 +128,7 @@ def method_speedups(
         gmacs[label] = api.flops(variant, img_size).total_gmacs
     base_label = next((label for label, s in settings.items() if s is None), None)
     if base_label is None:
-        raise ValueError("settings must include the unreduced model (a label mapped to None)")
+        raise InputError("settings must include the unreduced model (a label mapped to None)")
     rows = []
     for batch_size in batch_sizes:
         timings = compare_speed(variants, batch_size, img_size, warmup, rounds, dtype)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import require
+
 KEPT, GROUPED, PRUNED = 0, 1, 2
 
 
@@ -39,6 +41,7 @@ def patch_kinds(owner: torch.Tensor) -> dict[str, np.ndarray]:
 
 def _group_colours(count: int, seed: int = 0) -> np.ndarray:
     """Distinct, saturated colours (golden-ratio hues, shuffled so neighbours differ)."""
+    require("matplotlib", "viz")
     import matplotlib.colors as mcolors
 
     hues = (np.arange(count) * 0.61803398875) % 1.0
@@ -104,6 +107,7 @@ def draw_token_panels(
     dpi: int = 110,
 ) -> dict[str, dict[str, int]]:
     """Write a PNG: the original image, then one panel per block; returns the counts per block."""
+    require("matplotlib", "viz")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..core.errors import InputError
 from ..core.state import TokenState
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -39,7 +40,7 @@ def method_names() -> list[str]:
 def create_method(name: str, **options: Any) -> Method:
     """Build a registered method by name; an unknown name is a ``ValueError`` listing the known ones."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown token-reduction method {name!r}; known methods: {', '.join(method_names())}")
+        raise InputError(f"unknown token-reduction method {name!r}; known methods: {', '.join(method_names())}")
     return _REGISTRY[name](**options)
 
 
@@ -66,13 +67,13 @@ def check_count(name: str, what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < 0:
         if isinstance(value, float) and value.is_integer() and value >= 0:
             return int(value)
-        raise ValueError(f"{name}: {what} must be a non-negative integer, got {value!r}")
+        raise InputError(f"{name}: {what} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
 def check_keep_rate(name: str, keep_rate: Any) -> float:
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, int | float) or not 0 < keep_rate <= 1:
-        raise ValueError(f"{name}: keep_rate must be in (0, 1], got {keep_rate!r}")
+        raise InputError(f"{name}: keep_rate must be in (0, 1], got {keep_rate!r}")
     return float(keep_rate)
 
 
@@ -84,7 +85,7 @@ def check_layers(name: str, layers: Sequence[int] | None, depth: int) -> tuple[i
     out = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
-            raise ValueError(f"{name}: layer {layer!r} is outside the model's blocks 0..{depth - 1}")
+            raise InputError(f"{name}: layer {layer!r} is outside the model's blocks 0..{depth - 1}")
         out.append(int(layer))
     return tuple(sorted(set(out)))
 
@@ -105,7 +106,7 @@ def resolve_r(name: str, r: Any, depth: int, layers: tuple[int, ...] | None) -> 
     if isinstance(r, tuple) and len(r) == 2 and not isinstance(r[1], bool) and isinstance(r[1], int | float):
         base, inflection = check_count(name, "r", r[0]), float(r[1])
         if not -1 <= inflection <= 1:
-            raise ValueError(f"{name}: schedule inflection must be in [-1, 1], got {inflection!r}")
+            raise InputError(f"{name}: schedule inflection must be in [-1, 1], got {inflection!r}")
         low = int(base * (1.0 - inflection))
         high = 2 * base - low
         step = (high - low) / max(len(blocks) - 1, 1)
@@ -122,7 +123,7 @@ def resolve_r(name: str, r: Any, depth: int, layers: tuple[int, ...] | None) -> 
         return out
     if isinstance(r, list | tuple):
         if len(r) > depth:
-            raise ValueError(f"{name}: r lists {len(r)} blocks but the model has {depth}")
+            raise InputError(f"{name}: r lists {len(r)} blocks but the model has {depth}")
         return [check_count(name, f"r[{i}]", v) for i, v in enumerate(r)] + [0] * (depth - len(r))
     value = check_count(name, "r", r)
     return [value if i in blocks else 0 for i in range(depth)]
@@ -169,7 +170,7 @@ class Method:
         """
         image_tokens = num_tokens - num_prefix
         if amount >= image_tokens:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: block {block} would remove {amount} of its {image_tokens} image tokens "
                 f"({num_tokens} tokens with {num_prefix} prefix); at least one must stay"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import InputError
 from ..core.ops import gather_tokens, keep_tokens
 from ..core.state import TokenState
 from .base import register
@@ -38,7 +39,7 @@ class EViT(TopK):
     def __init__(self, keep_rate: float | None = None, r=None, layers=DEFAULT_LAYERS,
                  prop_attn: bool = False, fuse: str = "sum") -> None:
         if fuse not in FUSE_MODES:
-            raise ValueError(f"{self.name}: unknown fuse {fuse!r}; valid: {', '.join(FUSE_MODES)}")
+            raise InputError(f"{self.name}: unknown fuse {fuse!r}; valid: {', '.join(FUSE_MODES)}")
         super().__init__(keep_rate=keep_rate, r=r, layers=layers, prop_attn=prop_attn)
         self.options["fuse"] = self.fuse = fuse
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import InputError, InputTypeError
 from ..core.ops import gather_tokens, kept_destination, record_departures, remap_owner
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
@@ -83,7 +84,7 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """
     n0 = tokens.shape[1]
     if not 1 <= k < n0:
-        raise ValueError(f"gtp: the semantic graph needs 1 <= k < {n0} image tokens, got k={k}")
+        raise InputError(f"gtp: the semantic graph needs 1 <= k < {n0} image tokens, got k={k}")
     with torch.no_grad():
         unit = F.normalize(tokens.detach().float(), dim=-1)
         similarity = unit @ unit.transpose(1, 2)
@@ -114,14 +115,14 @@ def build_graph(tokens: torch.Tensor, grid: tuple[int, int], kind: str = "mixed"
     """
     batch, n0 = tokens.shape[:2]
     if grid[0] * grid[1] != n0:
-        raise ValueError(f"gtp: grid {tuple(grid)} has {grid[0] * grid[1]} cells but there are {n0} image tokens")
+        raise InputError(f"gtp: grid {tuple(grid)} has {grid[0] * grid[1]} cells but there are {n0} image tokens")
     if kind == "spatial":
         return spatial_graph(grid, tokens.device).expand(batch, -1, -1)
     adjacency = semantic_adjacency(tokens, k)
     if kind == "mixed":
         adjacency |= spatial_adjacency(grid, tokens.device)
     elif kind != "semantic":
-        raise ValueError(f"gtp: unknown graph {kind!r}; valid graphs: {', '.join(GRAPHS)}")
+        raise InputError(f"gtp: unknown graph {kind!r}; valid graphs: {', '.join(GRAPHS)}")
     return normalise_graph(adjacency)
 
 
@@ -208,19 +209,19 @@ class GTP(Method):
                          sparsity=sparsity, seed=seed)
         validate_r(self.name, r)
         if graph not in GRAPHS:
-            raise ValueError(f"{self.name}: unknown graph {graph!r}; valid graphs: {', '.join(GRAPHS)}")
+            raise InputError(f"{self.name}: unknown graph {graph!r}; valid graphs: {', '.join(GRAPHS)}")
         if selection not in SELECTIONS:
-            raise ValueError(f"{self.name}: unknown selection {selection!r}; valid selections: "
+            raise InputError(f"{self.name}: unknown selection {selection!r}; valid selections: "
                              f"{', '.join(SELECTIONS)}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{self.name}: k (semantic neighbours) must be an integer >= 1, got {k!r}")
+            raise InputError(f"{self.name}: k (semantic neighbours) must be an integer >= 1, got {k!r}")
         for option, value in (("alpha", alpha), ("sparsity", sparsity)):
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-                raise ValueError(f"{self.name}: {option} must be in (0, 1], got {value!r}")
+                raise InputError(f"{self.name}: {option} must be in (0, 1], got {value!r}")
         if not isinstance(token_scale, bool):
-            raise TypeError(f"{self.name}: token_scale must be True or False, got {token_scale!r}")
+            raise InputTypeError(f"{self.name}: token_scale must be True or False, got {token_scale!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an integer, got {seed!r}")
+            raise InputTypeError(f"{self.name}: seed must be an integer, got {seed!r}")
         self.r, self.graph, self.k, self.alpha = r, graph, k, float(alpha)
         self.selection, self.token_scale, self.sparsity, self.seed = selection, token_scale, float(sparsity), seed
 
@@ -232,7 +233,7 @@ class GTP(Method):
         plan = super().plan(num_tokens, num_prefix, depth)
         image_tokens = num_tokens - num_prefix
         if any(plan.amounts) and self.graph != "spatial" and self.k >= image_tokens:
-            raise ValueError(f"{self.name}: the {self.graph} graph needs k < {image_tokens} image tokens, "
+            raise InputError(f"{self.name}: the {self.graph} graph needs k < {image_tokens} image tokens, "
                              f"got k={self.k}")
         return plan
 

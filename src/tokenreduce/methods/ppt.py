@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
 from ..core.ops import bipartite_merge, keep_tokens, max_bipartite_r
 from ..core.state import TokenState
 from .base import Method, Plan, check_layers, register, resolve_r, validate_r
@@ -96,11 +97,11 @@ class PPT(Method):
                  prop_attn: bool = True) -> None:
         per_block = isinstance(r, dict | list) or (isinstance(r, tuple) and len(r) != 2)
         if per_block and layers is not None:
-            raise ValueError(f"{self.name}: r={r!r} names its blocks itself; give layers={layers!r} only with "
+            raise InputError(f"{self.name}: r={r!r} names its blocks itself; give layers={layers!r} only with "
                              f"an int r")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or math.isnan(threshold) \
                 or threshold < 0:
-            raise ValueError(f"{self.name}: threshold must be a non-negative number, got {threshold!r}")
+            raise InputError(f"{self.name}: threshold must be a non-negative number, got {threshold!r}")
         super().__init__(r=r, layers=layers, threshold=threshold, prop_attn=prop_attn)
         self.r, self.layers, self.threshold = r, layers, float(threshold)
         self.use_prop_attn, self.per_block = bool(prop_attn), per_block

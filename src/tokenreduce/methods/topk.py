@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
 from ..core.ops import keep_tokens
 from ..core.state import TokenState
 from .base import Method, Plan, check_keep_rate, check_layers, keep_count, register, resolve_r, validate_r
@@ -42,7 +43,7 @@ class TopK(Method):
     def __init__(self, keep_rate: float | None = None, r: Any = None, layers: Any = DEFAULT_LAYERS,
                  prop_attn: bool = False) -> None:
         if keep_rate is not None and r is not None:
-            raise ValueError(f"{self.name}: give keep_rate or r, not both (keep_rate={keep_rate!r}, r={r!r})")
+            raise InputError(f"{self.name}: give keep_rate or r, not both (keep_rate={keep_rate!r}, r={r!r})")
         if keep_rate is None and r is None:
             keep_rate = 0.7
         super().__init__(keep_rate=keep_rate, r=r, layers=layers, prop_attn=prop_attn)
@@ -62,7 +63,7 @@ class TopK(Method):
         image_tokens = num_tokens - num_prefix
         drop = image_tokens - keep_count(self.keep_rate, image_tokens) if amount < 0 else amount
         if drop >= image_tokens:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: block {block} would remove {drop} of its {image_tokens} image tokens "
                 f"({num_tokens} tokens with {num_prefix} prefix); at least one must stay"
             )

@@ -3,6 +3,7 @@
 
 from torch import nn
 
+from ..core.errors import InputTypeError
 from .model import STViT
 from .model import build as build_vit
 from .pooling import POOLINGS, TokenPooling
@@ -18,7 +19,7 @@ def build(model: nn.Module, *args, recover: bool = False, **options) -> nn.Modul
     if is_swin(model):
         return build_swin(model, *args, **options)
     if "tokens_per_window" in options:
-        raise TypeError(f"tokens_per_window is a Swin option; {type(model).__name__} takes num_semantic")
+        raise InputTypeError(f"tokens_per_window is a Swin option; {type(model).__name__} takes num_semantic")
     return build_vit(model, *args, **options)
 
 

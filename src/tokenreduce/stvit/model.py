@@ -44,6 +44,7 @@ from ..core.cost import (
     cross_block_macs,
     pooling_macs,
 )
+from ..core.errors import InputError
 from .pooling import TokenPooling, check_pooling, check_square
 
 
@@ -147,9 +148,9 @@ class STViT(ViTHosted):
         side = check_square(num_semantic, "num_semantic")
         for name, value, low in (("full_blocks", full_blocks, 0), ("generation_layers", generation_layers, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+                raise InputError(f"{name}={value!r} must be an integer >= {low}")
         if full_blocks + generation_layers > depth:
-            raise ValueError(f"full_blocks={full_blocks} + generation_layers={generation_layers} exceeds the "
+            raise InputError(f"full_blocks={full_blocks} + generation_layers={generation_layers} exceeds the "
                              f"model's depth {depth}")
         check_pooling(pooling)
         self.vit = vit = self.host(model)

@@ -20,6 +20,8 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from ..core.errors import InputError
+
 POOLINGS = ("avg", "max", "learned")
 #: Index tables kept at most (one per grid, window and device in use); the cache is cleared beyond this.
 MAX_CACHED_INDEX = 32
@@ -47,13 +49,13 @@ def check_square(value: int, name: str) -> int:
     """The side of ``value`` semantic tokens laid out as a square; a ValueError naming ``name`` otherwise."""
     side = math.isqrt(value) if isinstance(value, int) and value > 0 else 0
     if isinstance(value, bool) or side == 0 or side * side != value:
-        raise ValueError(f"{name}={value!r} must be a positive square (4, 9, 16, ...)")
+        raise InputError(f"{name}={value!r} must be a positive square (4, 9, 16, ...)")
     return side
 
 
 def check_pooling(kind: str) -> None:
     if kind not in POOLINGS:
-        raise ValueError(f"pooling={kind!r} is not supported (choose one of {', '.join(POOLINGS)})")
+        raise InputError(f"pooling={kind!r} is not supported (choose one of {', '.join(POOLINGS)})")
 
 
 def region_index(grid: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +72,7 @@ def region_index(grid: tuple[int, int], side: int) -> tuple[torch.Tensor, torch.
 def _regions(grid: tuple[int, int], side: int) -> list[list[int]]:
     height, width = grid
     if height < side or width < side:
-        raise ValueError(f"a {height}x{width} token grid cannot be pooled into {side}x{side} semantic tokens")
+        raise InputError(f"a {height}x{width} token grid cannot be pooled into {side}x{side} semantic tokens")
 
     def spans(n: int) -> list[range]:
         return [range(i * n // side, math.ceil((i + 1) * n / side)) for i in range(side)]
@@ -98,7 +100,7 @@ def window_regions(grid: tuple[int, int], window: tuple[int, int], side: int) ->
     regions = []
     for rows, cols in window_spans(grid, window):
         if len(rows) < side or len(cols) < side:
-            raise ValueError(f"a {len(rows)}x{len(cols)} window of the {grid[0]}x{grid[1]} grid cannot hold "
+            raise InputError(f"a {len(rows)}x{len(cols)} window of the {grid[0]}x{grid[1]} grid cannot hold "
                              f"{side}x{side} semantic tokens")
         regions += [[(rows[0] + i // len(cols)) * grid[1] + cols[0] + i % len(cols) for i in region]
                     for region in _regions((len(rows), len(cols)), side)]
@@ -141,7 +143,7 @@ class TokenPooling(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch, num_tokens, dim = x.shape
         if num_tokens != grid[0] * grid[1]:
-            raise ValueError(f"{num_tokens} tokens do not fill a {grid[0]}x{grid[1]} grid")
+            raise InputError(f"{num_tokens} tokens do not fill a {grid[0]}x{grid[1]} grid")
         index, valid = self.regions(grid, x.device)
         grouped = x[:, index]  # B x R x K x D
         if self.kind == "max":

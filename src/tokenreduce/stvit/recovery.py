@@ -43,6 +43,7 @@ from ..core.cost import (
     cross_block_macs,
     pooling_macs,
 )
+from ..core.errors import InputError, InputTypeError
 from .model import GenerationLayer, ViTHosted, generation_costs, on_model_device
 from .pooling import TokenPooling, check_pooling, check_square, window_regions
 from .swin import SEMANTIC_STAGE, SwinHosted, WindowSemantic, check_swin, vit_block_from_swin
@@ -66,11 +67,11 @@ class RecoveryLayer(GenerationLayer):
 
 def _check_units(units: int | None, unit_depth: int, depth: int, where: str) -> int:
     if isinstance(unit_depth, bool) or not isinstance(unit_depth, int) or unit_depth < 3:
-        raise ValueError(f"unit_depth={unit_depth!r} must be an integer >= 3 (full block + 2 generation layers)")
+        raise InputError(f"unit_depth={unit_depth!r} must be an integer >= 3 (full block + 2 generation layers)")
     if units is None:
         units = depth // unit_depth
     if isinstance(units, bool) or not isinstance(units, int) or units < 1 or units * unit_depth > depth:
-        raise ValueError(f"units={units!r} of {unit_depth} blocks do not fit in the {depth} blocks of {where}")
+        raise InputError(f"units={units!r} of {unit_depth} blocks do not fit in the {depth} blocks of {where}")
     return units
 
 
@@ -235,5 +236,5 @@ def build_recovery(model: nn.Module, *args, **options) -> STViTR | STViTRSwin:
     if isinstance(model, SwinTransformer):
         return STViTRSwin(model, *args, **options)
     if "tokens_per_window" in options:
-        raise TypeError(f"tokens_per_window is a Swin option; {type(model).__name__} takes num_semantic")
+        raise InputTypeError(f"tokens_per_window is a Swin option; {type(model).__name__} takes num_semantic")
     return STViTR(model, *args, **options)

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..core.attention import attention
 from ..core.cost import FlopsReport, SwinCounter, attention_macs, cross_block_macs, mlp_macs, pooling_macs
+from ..core.errors import InputError, InputTypeError
 from .model import GenerationLayer, on_model_device
 from .pooling import TokenPooling, cached_index, check_pooling, check_square, window_regions
 
@@ -61,9 +62,9 @@ def is_swin(model: nn.Module) -> bool:
 def check_swin(model: nn.Module, tokens_per_window: int, pooling: str) -> tuple[int, int]:
     """(side of the semantic tokens in a window, blocks of the semantic stage); raises on what cannot be built."""
     if not is_swin(model):
-        raise TypeError(f"expected a timm SwinTransformer, got {type(model).__name__}")
+        raise InputTypeError(f"expected a timm SwinTransformer, got {type(model).__name__}")
     if len(model.layers) <= SEMANTIC_STAGE:
-        raise ValueError(f"the Swin model has {len(model.layers)} stages; STViT needs a third stage")
+        raise InputError(f"the Swin model has {len(model.layers)} stages; STViT needs a third stage")
     side = check_square(tokens_per_window, "tokens_per_window")
     check_pooling(pooling)
     return side, len(model.layers[SEMANTIC_STAGE].blocks)
@@ -76,7 +77,7 @@ def vit_block_from_swin(block: SwinTransformerBlock, init_values: float | None =
     with torch.device(block.norm1.weight.device):
         vit_block = Block(block.dim, attn.num_heads, qkv_bias=attn.qkv.bias is not None, init_values=init_values)
     if attn.qkv.out_features != 3 * block.dim:
-        raise ValueError(f"Swin attention width {attn.qkv.out_features // 3} != block width {block.dim}")
+        raise InputError(f"Swin attention width {attn.qkv.out_features // 3} != block width {block.dim}")
     vit_block.norm1, vit_block.norm2 = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2)
     vit_block.attn.qkv, vit_block.attn.proj = copy.deepcopy(attn.qkv), copy.deepcopy(attn.proj)
     vit_block.attn.attn_drop, vit_block.attn.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
@@ -143,7 +144,7 @@ class WindowSemantic(nn.Module):
         self.key_window = key_window if key_window is not None else (10 * max(self.window)) // 7
         if isinstance(self.key_window, bool) or not isinstance(self.key_window, int) \
                 or self.key_window < max(self.window):
-            raise ValueError(f"key_window={key_window!r} must be an integer >= the window size {max(self.window)}")
+            raise InputError(f"key_window={key_window!r} must be an integer >= the window size {max(self.window)}")
         dim = self.dim = first.dim
         self.hidden = first.mlp.fc1.out_features
         self.pool = TokenPooling(pooling, dim, side, self.window)
@@ -222,7 +223,7 @@ def swin_baseline_gmacs(model: SwinTransformer) -> float:
 def check_img_size(model: SwinTransformer, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
     own = tuple(model.patch_embed.img_size)
     if img_size is not None and tuple(img_size if isinstance(img_size, tuple | list) else (img_size,) * 2) != own:
-        raise ValueError(f"img_size={img_size!r}: this Swin model was built for {own[0]}x{own[1]} images")
+        raise InputError(f"img_size={img_size!r}: this Swin model was built for {own[0]}x{own[1]} images")
     return own
 
 
@@ -288,7 +289,7 @@ class STViTSwin(SwinHosted):
         if full_blocks is None:
             full_blocks = 2 * depth // 3
         if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or not 0 <= full_blocks <= depth - 2:
-            raise ValueError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
+            raise InputError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
                              f"{depth} blocks, 2 of them become generation layers)")
         swin = self.host(model)
         blocks = list(swin.layers[SEMANTIC_STAGE].blocks)
