@@ -28,9 +28,9 @@ at 224 (3 units, 9 tokens per window): 5.83 GMACs vs 8.74 unreduced (-33%; the p
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerScale, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, LayerScale
 from torch import nn
 
 from ..adapters.timm_vit import check_supported, embed
