@@ -52,3 +52,8 @@ def images(model: torch.nn.Module, batch: int = 2, seed: int = 0, size: tuple[in
 @pytest.fixture(params=list(MODEL_CASES))
 def model_case(request):
     return request.param
+
+
+def pytest_configure(config):
+    # .ci/lowest runs `-m floor` (on three families) against the lowest torch / timm that pyproject.toml declares.
+    config.addinivalue_line("markers", "floor: the fast subset .ci/lowest runs at the lowest declared torch and timm")

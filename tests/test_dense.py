@@ -30,6 +30,7 @@ POOLING_CASES = ["deit_small_patch16_224", "deit_base_distilled_patch16_224", "v
 
 
 # --- core operations -------------------------------------------------------------------------------------
+@pytest.mark.floor
 def test_merge_then_unmerge_copies_each_merged_token_to_every_token_it_holds():
     torch.manual_seed(0)
     metric, t = torch.randn(3, 11, 4), torch.randn(3, 11, 5)
@@ -47,6 +48,7 @@ def test_merge_then_unmerge_copies_each_merged_token_to_every_token_it_holds():
     assert torch.equal(back[:, 0], merged[:, 0])  # the prefix token stays first and is never merged
 
 
+@pytest.mark.floor
 def test_keep_then_unkeep_is_identity_on_the_kept_rows():
     t = torch.arange(12.0).view(1, 6, 2)
     index = torch.tensor([[4, 1, 0]])
@@ -56,6 +58,7 @@ def test_keep_then_unkeep_is_identity_on_the_kept_rows():
     assert ops.kept_destination(index, 6).tolist() == [[2, 1, -1, -1, 0, -1]]
 
 
+@pytest.mark.floor
 def test_restore_of_a_tome_merge_equals_unmerge_of_the_merged_tokens():
     torch.manual_seed(1)
     x, metric = torch.randn(2, 9, 4), torch.randn(2, 9, 3)
@@ -66,6 +69,7 @@ def test_restore_of_a_tome_merge_equals_unmerge_of_the_merged_tokens():
     assert not bool(merged.left.any())  # merging never removes a patch
 
 
+@pytest.mark.floor
 def test_pruned_patch_keeps_its_departure_feature():
     torch.manual_seed(2)
     x = torch.randn(2, 7, 4)
@@ -80,6 +84,7 @@ def test_pruned_patch_keeps_its_departure_feature():
     assert torch.equal(full[:, 0], x[:, 0] + 100.0)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method,options", [("gtp", dict(r=3, graph="spatial")), ("evit", dict(r=3)),
                                             ("ppt", dict(r=3, threshold=0.0))])
 def test_every_method_records_departures_at_the_block_where_tokens_leave(method, options):
@@ -106,6 +111,7 @@ def test_restore_without_dense_tracking_is_a_clear_error():
 
 
 # --- the public call and the patched entry points ---------------------------------------------------------
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_restore_with_nothing_removed_equals_the_unreduced_tokens_exactly(model_case, method):
     model = make_model(model_case)
@@ -119,6 +125,7 @@ def test_restore_with_nothing_removed_equals_the_unreduced_tokens_exactly(model_
         assert torch.equal(tr.restore(state), expected)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_forward_intermediates_with_nothing_removed_equals_timm(model_case, method):
     model = make_model(model_case)
@@ -139,6 +146,7 @@ def test_forward_intermediates_with_nothing_removed_equals_timm(model_case, meth
         assert torch.equal(a, b)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", ["deit_base_distilled_patch16_224", "vit_medium_patch16_reg4_gap_256"])
 def test_reduced_forward_intermediates_are_full_grids_at_the_reduced_cost(case, method):
@@ -170,6 +178,7 @@ def test_reduced_forward_intermediates_are_full_grids_at_the_reduced_cost(case, 
     assert counted < report.baseline_gmacs - report.head_gmacs
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", POOLING_CASES)
 def test_forward_head_of_forward_features_equals_forward(case, method):
@@ -193,6 +202,7 @@ def test_average_pooled_merge_equals_the_size_weighted_mean():
         torch.testing.assert_close(model(x), model.head(model.fc_norm(pooled)), rtol=0, atol=1e-5)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("entry", ["forward", "forward_features", "forward_intermediates"])
 def test_attention_masks_are_refused_not_ignored(entry):
     model = tr.patch(make_model("deit_small_patch16_224"), "tome", r=4)

@@ -46,6 +46,7 @@ def reducing(method: str, case: str) -> dict:
     return {**REDUCING[method], "threshold": PPT_THRESHOLD[case]} if method == "ppt" else REDUCING[method]
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_nothing_to_remove_equals_unpatched(model_case, method):
     model = make_model(model_case)
@@ -73,6 +74,7 @@ def test_nothing_to_remove_equals_unpatched_under_bfloat16_autocast(model_case, 
     assert torch.equal(got, expected)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_unpatch_restores_class_and_outputs(model_case, method):
     model = make_model(model_case)
@@ -88,6 +90,7 @@ def test_unpatch_restores_class_and_outputs(model_case, method):
     assert torch.equal(restored, expected)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_independence(model_case, method):
     model = tr.patch(make_model(model_case), method, **reducing(method, model_case))
@@ -101,6 +104,7 @@ def test_batch_independence(model_case, method):
         assert 0.0 < tr.diagnostics(model, x)["pooled_share"][1] < 1.0
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_describe_counts_equal_forward_counts_and_prefix_kept(model_case, method):
     model = tr.patch(make_model(model_case), method, **reducing(method, model_case))
@@ -129,6 +133,7 @@ def test_describe_counts_equal_forward_counts_and_prefix_kept(model_case, method
         assert bool((states[-1].owner >= 0).all()) and num_patches == states[-1].owner.shape[1]
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method,options", [
     ("tome", {}), ("topk", {"layers": (0,)}), ("evit", {"layers": (0,)}), ("gtp", {}),
     ("ppt", {"layers": (0,), "threshold": 0.0}), ("ppt", {"layers": (0,), "threshold": math.inf}),
@@ -155,6 +160,7 @@ def test_reduce_never_touches_prefix_tokens(method, options):
     assert out.x.shape[1] == n - 4 + (1 if method == "evit" else 0)
 
 
+@pytest.mark.floor
 def test_tome_merge_by_hand():
     """1 prefix + 6 tokens, r = 2: the expected merged features, sizes and order, computed by hand."""
     x = torch.arange(7 * 2, dtype=torch.float32).view(1, 7, 2)
@@ -191,6 +197,7 @@ def _counted_gmacs(model, x):
     return counter.get_total_flops() / 2 / 1e9
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("case", ["deit_small_patch16_224", "deit_base_distilled_patch16_224",
                                   "vit_medium_patch16_reg4_gap_256", "vit_small_patch14_dinov2"])
 @pytest.mark.parametrize("method,options", [
@@ -266,6 +273,7 @@ def test_dtypes(case, method):
         assert logit_error.max() < 0.2, (name, logit_error.max())
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_train_mode_gradients_reach_parameters(model_case, method):
     model = tr.patch(make_model(model_case), method, **reducing(method, model_case)).train()
@@ -277,6 +285,7 @@ def test_train_mode_gradients_reach_parameters(model_case, method):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", ["deit_small_patch16_224", "vit_small_patch14_dinov2",
                                   "vit_medium_patch16_reg4_gap_256"])
@@ -357,6 +366,7 @@ BAD = [
 ]
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method,options,error,message", BAD)
 def test_bad_input_leaves_model_as_it_was(method, options, error, message):
     model = make_model("deit_small_patch16_224")
@@ -371,6 +381,7 @@ def test_bad_input_leaves_model_as_it_was(method, options, error, message):
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.floor
 def test_unsupported_models_raise_type_error():
     with pytest.raises(TypeError, match="ResNet is not a timm VisionTransformer"):
         tr.patch(timm.create_model("resnet18", pretrained=False), "tome", r=2)
