@@ -74,6 +74,69 @@ def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = Non
     return _maybe(attn, "q_norm", q), _maybe(attn, "k_norm", k), v
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    size_bias: torch.Tensor | None = None,
+    need: Collection[str] = (),
+    has_cls: bool = True,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fused: bool = True,
+    dropout: float = 0.0,
+    attn_drop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The attention arithmetic on projected heads: ``q`` ``B x H x N x d``, ``k``/``v`` ``B x H x M x d``;
+    returns the per-head output ``B x H x N x d`` and the statistics asked for (see the module doc). What every
+    model family's adapter calls after its own projections (timm's fused ``qkv``, Hugging Face's separate
+    ``query``/``key``/``value``, ``nn.MultiheadAttention``'s ``in_proj``).
+
+    ``fused`` uses ``F.scaled_dot_product_attention`` where no full map is needed (``dropout`` is its dropout
+    probability); otherwise the map is computed and ``attn_drop`` (a module or function) applied to it.
+
+    >>> q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    >>> out, stats = attend(q, k, v, 8 ** -0.5, need=("cls_attn",))
+    >>> tuple(out.shape), tuple(stats["cls_attn"].shape)
+    ((1, 2, 4, 8), (1, 2, 4))
+    """
+    unknown = set(need) - STATISTICS
+    if unknown:
+        raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+    batch = q.shape[0]
+    bias = None if size_bias is None else size_bias.to(q.dtype)
+    stats: dict[str, torch.Tensor] = {}
+
+    # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
+    # once and take the output from it rather than a second Q K^T beside the fused kernel.
+    full_map = "attn" in need or transform is not None or not fused or ("cls_attn" in need and not has_cls)
+    if full_map:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits += bias  # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
+        probs = logits.softmax(dim=-1)
+        if transform is not None:
+            probs = transform(probs)
+        if "attn" in need:
+            stats["attn"] = probs
+        if "cls_attn" in need:
+            stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
+        out = (probs if attn_drop is None else attn_drop(probs)) @ v
+    else:
+        # The default scale is passed as None, so the kernel runs exactly as in the models we patch.
+        default = scale == q.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                             scale=None if default else scale)
+        if "cls_attn" in need:
+            row = _add_bias((q[:, :, :1] * scale) @ k.transpose(-2, -1), bias)
+            stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
+    if "metric" in need:
+        stats["metric"] = k.mean(dim=1)
+    if "value_norm" in need:
+        stats["value_norm"] = v.transpose(1, 2).reshape(batch, v.shape[2], -1).norm(dim=-1)
+    return out, stats
+
+
 def attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -99,41 +162,11 @@ def attention(
     Returns:
         The projected attention output (``B x N x C``) and a dict with the statistics asked for.
     """
-    unknown = set(need) - STATISTICS
-    if unknown:
-        raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
     batch, num_q, _ = x.shape
     q, k, v = project(attn, x, context)
-    bias = None if size_bias is None else size_bias.to(q.dtype)
-    stats: dict[str, torch.Tensor] = {}
-
-    # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
-    # once and take the output from it rather than a second Q K^T beside the fused kernel.
-    full_map = ("attn" in need or transform is not None or not getattr(attn, "fused_attn", True)
-                or ("cls_attn" in need and not has_cls))
-    if full_map:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits += bias  # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
-        probs = logits.softmax(dim=-1)
-        if transform is not None:
-            probs = transform(probs)
-        if "attn" in need:
-            stats["attn"] = probs
-        if "cls_attn" in need:
-            stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
-        out = attn.attn_drop(probs) @ v
-    else:
-        dropout = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        if "cls_attn" in need:
-            row = _add_bias((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1), bias)
-            stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
-    if "metric" in need:
-        stats["metric"] = k.mean(dim=1)
-    if "value_norm" in need:
-        stats["value_norm"] = v.transpose(1, 2).reshape(batch, v.shape[2], -1).norm(dim=-1)
-
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out, stats = attend(q, k, v, attn.scale, size_bias, need, has_cls, transform,
+                        fused=getattr(attn, "fused_attn", True), dropout=dropout, attn_drop=attn.attn_drop)
     out = _maybe(attn, "norm", out.transpose(1, 2).reshape(batch, num_q, -1))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
