@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import timm_vit
+from .adapters import adapter_for
 from .core.cost import FlopsReport, analytic_flops
 from .core.errors import InputError
 from .core.ops import restore
@@ -83,13 +83,13 @@ def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
     :func:`unwrap`); a compiled wrapper recompiles on its next call, since the inner model's class changed.
     """
     inner = unwrap(model)
-    timm_vit.check_supported(inner)
+    adapter = adapter_for(inner)
     resolved = _as_method(method, options)
-    info = timm_vit.model_info(inner)
+    info = adapter.model_info(inner)
     resolved.plan(info.num_tokens, info.num_prefix, info.depth)  # raises on impossible schedules
     current = _current(inner)
     original = current.original_class if current is not None else type(inner)
-    inner.__class__ = timm_vit.patched_class(original)
+    inner.__class__ = adapter.patched_class(original)
     inner._tokenreduce = _Patch(resolved, original)
     return model
 
@@ -139,8 +139,7 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
     definition clamped the schedule. Diagnostics of a forward pass come from :func:`diagnostics`.
     """
     model = unwrap(model)
-    timm_vit.check_supported(model)
-    info = timm_vit.model_info(model, img_size)
+    info = adapter_for(model).model_info(model, img_size)
     method = method_of(model)
     report = analytic_flops(info, method)
     out = {
@@ -171,8 +170,7 @@ def flops(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> Fl
     own = getattr(model, "tokenreduce_flops", None)
     if callable(own):  # models built by tokenreduce itself (STViT) count their own cost
         return own(img_size)
-    timm_vit.check_supported(model)
-    return analytic_flops(timm_vit.model_info(model, img_size), method_of(model))
+    return analytic_flops(adapter_for(model).model_info(model, img_size), method_of(model))
 
 
 def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
@@ -187,10 +185,10 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
     {'r': 13}
     """
     model = unwrap(model)
-    timm_vit.check_supported(model)
+    adapter = adapter_for(model)
     if not isinstance(target_gmacs, int | float) or not math.isfinite(target_gmacs) or target_gmacs <= 0:
         raise InputError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
-    info = timm_vit.model_info(model, img_size)
+    info = adapter.model_info(model, img_size)
     knob = create_method(method, **options).search_knob
     fixed = {k: v for k, v in options.items() if k not in ("r", "keep_rate")}
 
@@ -233,9 +231,8 @@ def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dens
     ([147, 97], (1, 197, 192))
     """
     model = unwrap(model)
-    timm_vit.check_supported(model)
     states: list[TokenState] = []
-    timm_vit.forward_tokens(model, images, method_of(model), track_owner=track_owner, dense=dense,
+    adapter_for(model).forward_tokens(model, images, method_of(model), track_owner=track_owner, dense=dense,
                             on_block=lambda i, s: states.append(s))
     return states
 
@@ -248,7 +245,7 @@ def diagnostics(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     model = unwrap(model)
     method = method_of(model)
     if method is None:
-        timm_vit.check_supported(model)
+        adapter_for(model)  # an unsupported model is an error here too
         return {}
     with torch.no_grad():
         return method.diagnostics(trace(model, images, track_owner=False, dense=False))

@@ -23,6 +23,7 @@ from ..core.errors import InputError, InputTypeError
 from ..core.ops import restore
 from ..core.state import TokenState
 
+FAMILY = "timm VisionTransformer"
 POOLS = ("token", "avg", "max", "avgmax")
 
 
