@@ -35,6 +35,8 @@ class Family:
 
 FAMILIES: list[Family] = [
     Family("timm VisionTransformer", "tokenreduce.adapters.timm_vit", ("timm",)),
+    Family("Hugging Face transformers ViT/DeiT/DINOv2/CLIP/SigLIP", "tokenreduce.adapters.hf", ("transformers",)),
+    Family("open_clip VisionTransformer", "tokenreduce.adapters.open_clip", ("open_clip",)),
 ]
 
 
