@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
+from tokenreduce.adapters.timm_vit import embed
 from tokenreduce.core.attention import attention
 from tokenreduce.stvit import build, pooling
 from tokenreduce.stvit.model import CrossAttention, GenerationLayer
@@ -113,7 +114,7 @@ def test_forward_follows_the_paper_equations():
     stvit = build(model, num_semantic=4, full_blocks=1, generation_layers=2)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        x = model.blocks[0](model._pos_embed(model.patch_embed(images)))
+        x = model.blocks[0](embed(model, images).x)  # embed equals timm exactly (test_dense)
         image_tokens = x[:, 1:]  # CLS dropped
         p = F.adaptive_avg_pool2d(image_tokens.transpose(1, 2).reshape(2, 48, 4, 4), 2).flatten(2).transpose(1, 2)
         s1 = stvit.generation[0](p, image_tokens)  # learned pooling starts as average pooling
