@@ -168,7 +168,7 @@ def test_mixed_batch_selects_per_image_and_matches_single_runs():
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=math.inf)
         pooled_first = tr.trace(model, batch)[LAYERS[0]]
     # Both policies and the per-image selection run in each batch size: only the matmul blocking differs
-    # (measured <= 2.4e-7 on |logits| <= 1.2).
+    # (measured 3.0e-7 on |logits| <= 0.6).
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
     for i, pooled in enumerate(pools.tolist()):
         chosen, other = (pooled_first, pruned_first) if pooled else (pruned_first, pooled_first)
