@@ -100,7 +100,7 @@ def test_batch_independence(model_case, method):
         alone = torch.cat([model(x[i : i + 1]) for i in (0, 5)])
     # Only the matmul blocking changes with the batch size: measured at most 7.2e-7 (3 ulp at |logit| ~ 3).
     torch.testing.assert_close(alone, together[[0, 5]], atol=3e-6, rtol=0)
-    if method == "ppt" and hasattr(tr, "diagnostics"):  # the batch of 8 really mixes both policies
+    if method == "ppt":  # the batch of 8 really mixes both policies
         assert 0.0 < tr.diagnostics(model, x)["pooled_share"][1] < 1.0
 
 

@@ -11,12 +11,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
+from tokenreduce.adapters import timm_vit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The pooled share per block comes from ``tr.diagnostics`` (no state written on the module during forward).
-HAS_DIAGNOSTICS = hasattr(tr, "diagnostics")
-needs_diagnostics = pytest.mark.skipif(not HAS_DIAGNOSTICS, reason="tr.diagnostics(model, images) not in src yet")
 
 SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 3, "img_size": 96}  # 36 patches, 37 tokens with CLS
 LAYERS, R = (1, 3), 6
@@ -52,7 +51,7 @@ def reference_scores(block: torch.nn.Module, x: torch.Tensor, num_prefix: int,
 
 
 def embed(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model.norm_pre(model._pos_embed(model.patch_embed(batch)))
+    return timm_vit.embed(model, batch).x
 
 
 def first_layer_variances(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -219,9 +218,8 @@ def test_prefix_tokens_survive_both_branches(name, num_prefix, threshold):
             plain = blk(plain)
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
         states = tr.trace(model, batch)
-    if HAS_DIAGNOSTICS:
-        policy = 1.0 if threshold == math.inf else 0.0
-        assert tr.diagnostics(model, batch) == {"pooled_share": {1: policy, 3: policy}}
+    policy = 1.0 if threshold == math.inf else 0.0
+    assert tr.diagnostics(model, batch) == {"pooled_share": {1: policy, 3: policy}}
     # At the first reducing block the prefix rows are exactly what the unreduced block computes.
     torch.testing.assert_close(states[LAYERS[0]].x[:, :num_prefix], plain[:, :num_prefix], atol=1e-5, rtol=1e-5)
     for state in states[LAYERS[0]:]:
@@ -343,8 +341,8 @@ def test_gradients_flow_in_train_mode():
     model(batch).logsumexp(dim=-1).sum().backward()
     for param in (model.patch_embed.proj.weight, model.blocks[0].attn.qkv.weight, model.blocks[-1].mlp.fc2.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
-    if HAS_DIAGNOSTICS:  # the mixed policy ran in train mode too
-        assert tr.diagnostics(model, batch)["pooled_share"][LAYERS[0]] == 0.5
+    # the mixed policy ran in train mode too
+    assert tr.diagnostics(model, batch)["pooled_share"][LAYERS[0]] == 0.5
 
 
 def test_bfloat16_and_autocast_run():
@@ -379,7 +377,6 @@ def test_bfloat16_and_autocast_run():
         assert logit_error.max() < 0.1, (name, logit_error)
 
 
-@needs_diagnostics
 def test_pooled_share_is_exact():
     """tr.diagnostics gives the share of images that pooled at each block: 0 / 1 at threshold 0 / inf, and on a
     batch of a peaked and a flat image, the shares computed by hand from the importance scores at both blocks."""
