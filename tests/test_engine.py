@@ -214,6 +214,7 @@ def test_analytic_flops_match_flop_counter(case, method, options):
     assert report.total_gmacs == pytest.approx(counted, rel=0.01)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("name,expected", [("deit_small_patch16_224", 4.60), ("deit_base_patch16_224", 17.56),
                                            ("deit_tiny_patch16_224", 1.26)])
 def test_reference_costs(name, expected):

@@ -31,6 +31,7 @@ def _no_fused(model: nn.Module) -> None:
             module.fused_attn = False
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize(("depth", "img_size", "num_semantic", "full_blocks", "generation_layers", "extra"), [
     (6, 64, 4, 2, 2, {}),                                    # 4x4 grid, CLS
     (4, 80, 4, 1, 2, {}),                                    # 5x5 grid: uneven, padded + masked
@@ -51,6 +52,7 @@ def test_shapes_and_token_counts(depth, img_size, num_semantic, full_blocks, gen
     assert torch.isfinite(stvit(images)).all()
 
 
+@pytest.mark.floor
 def test_build_leaves_model_unchanged_and_copies_weights():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -66,6 +68,7 @@ def test_build_leaves_model_unchanged_and_copies_weights():
     assert 0 < stvit.global_centres.std() < 0.05  # trunc-normal, std 0.02
 
 
+@pytest.mark.floor
 def test_generation_layer_is_the_pretrained_block_when_queries_are_the_keys():
     """q from the q part of qkv and k/v from the k/v parts: self-attention through it is the block itself."""
     model = tiny(img_size=64, init_values=0.5)  # LayerScale on, so ls1/ls2 must be copied too
@@ -109,6 +112,7 @@ def test_one_attention_kernel_for_self_and_cross_attention():
         torch.testing.assert_close(out, cross(queries, x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.floor
 def test_forward_follows_the_paper_equations():
     model = tiny(depth=5, img_size=64)
     stvit = build(model, num_semantic=4, full_blocks=1, generation_layers=2)
@@ -155,6 +159,7 @@ def test_learned_pooling_is_a_softmax_within_regions_that_ignores_padding():
     assert index[r][valid[r]].tolist() == [0, 1, 5, 6]
 
 
+@pytest.mark.floor
 def test_gradients_reach_new_and_pretrained_parameters():
     stvit = build(tiny(img_size=80), num_semantic=4, full_blocks=2).train()
     stvit(torch.randn(2, 3, 80, 80)).logsumexp(-1).sum().backward()
