@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from conftest import images, make_model
 
 import tokenreduce as tr
-from tokenreduce.adapters import timm_vit
+from tokenreduce.adapters import common
 
 REDUCING = {
     "tome": dict(r=4),
@@ -111,13 +111,13 @@ def test_gradient_checkpointing_is_used_and_gives_the_same_gradients(method, mon
 
     plain = grads()
     calls = []
-    real = timm_vit.checkpoint
+    real = common.checkpoint
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(timm_vit, "checkpoint", counting)
+    monkeypatch.setattr(common, "checkpoint", counting)
     model.set_grad_checkpointing(True)
     checkpointed = grads()
     assert len(calls) == len(model.blocks)

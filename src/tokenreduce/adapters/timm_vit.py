@@ -8,20 +8,20 @@ swaps the model's class for a subclass whose ``forward`` carries a ``TokenState`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 import torch
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attention
 from ..core.cost import ModelInfo
 from ..core.errors import InputError, InputTypeError
 from ..core.ops import restore
 from ..core.state import TokenState
+from . import common
 
 FAMILY = "timm VisionTransformer"
 POOLS = ("token", "avg", "max", "avgmax")
@@ -78,7 +78,7 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
     )
 
 
-BlockHook = Callable[[int, TokenState], None]
+BlockHook = common.BlockHook
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
@@ -105,30 +105,18 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
 def run_blocks(model: VisionTransformer, state: TokenState, method: Any = None, on_block: BlockHook | None = None,
                stop: int | None = None) -> TokenState:
     """Run blocks 0..``stop`` (all by default) on ``state`` with ``method`` (None: unreduced); returns the state
-    after the last one, before the final norm. ``on_block(i, state)`` sees the state after block i.
+    after the last one, before the final norm. ``on_block(i, state)`` sees the state after block i. As timm
+    does, ``set_grad_checkpointing(True)`` recomputes each block in the backward pass.
 
     The method is used only through its hooks (``plan``, ``begin``, ``needs``, ``prop_attn``,
     ``attn_transform``, ``reduce``): this adapter knows no method.
     """
-    has_cls = model.cls_token is not None
-    blocks = model.blocks if stop is None else model.blocks[: stop + 1]
-    plan = None
-    if method is not None:
-        plan = method.plan(state.num_tokens, state.num_prefix, len(model.blocks))
-        state = method.begin(state, plan)
-    # As timm does: with set_grad_checkpointing(True), recompute each block in the backward pass.
-    use_checkpoint = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for i, blk in enumerate(blocks):
-        if use_checkpoint:
-            state = checkpoint(block_step, blk, i, state, method, plan, has_cls, use_reentrant=False)
-        else:
-            state = block_step(blk, i, state, method, plan, has_cls)
-        if on_block is not None:
-            on_block(i, state)
-    return state
+    step = functools.partial(block_step, has_cls=model.cls_token is not None)
+    return common.run_blocks(model.blocks, state, method, step, on_block, stop,
+                             grad_checkpointing=getattr(model, "grad_checkpointing", False))
 
 
-def block_step(blk: Block, i: int, state: TokenState, method: Any, plan: Any, has_cls: bool) -> TokenState:
+def block_step(blk: Block, i: int, state: TokenState, method: Any, plan: Any, has_cls: bool = True) -> TokenState:
     """One block on a token state: attention (with the size bias and the statistics the method needs), the
     method's reduction where the schedule reduces, then the MLP."""
     needs = method.needs(i, plan) if method is not None else ()
@@ -164,29 +152,18 @@ def uses_dense_head(model: VisionTransformer) -> bool:
     return model.global_pool != "token"
 
 
-def _refuse_masks(entry: str, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise InputError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
-                         "they would mask are merged or removed); tr.unpatch(model) first")
-
-
-class _TokenReduced:
+class _TokenReduced(common.Reduced):
     """Mixed in front of the model's own class while a method is patched in. Every forward entry point runs the
     reduced model: ``forward_features`` and ``forward_intermediates`` (hence ``get_intermediate_layers``) return
     the restored full token grid, so heads written for the unreduced model run unchanged."""
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        # The patched class is made at run time, so pickle cannot find it by name: store the original class and
-        # make the patched one again on load (pickle, torch.save, deepcopy, spawned workers).
-        return _new_patched, (self._tokenreduce.original_class,), self.__dict__
-
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
-        _refuse_masks("forward_features", attn_mask, is_causal)
+        common.refuse_masks("forward_features", attn_mask, is_causal)
         return dense_features(self, x, self._tokenreduce.method)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        _refuse_masks("forward", attn_mask, is_causal)
+        common.refuse_masks("forward", attn_mask, is_causal)
         if uses_dense_head(self):
             return self.forward_head(dense_features(self, x, self._tokenreduce.method))
         # The head reads only the prefix tokens, which never move: skip the patch bookkeeping.
@@ -198,7 +175,7 @@ class _TokenReduced:
                               attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> Any:
         """timm's ``forward_intermediates`` on the reduced model: every requested block's tokens restored to
         the full grid (``core.ops.restore``), with timm's arguments and return types."""
-        _refuse_masks("forward_intermediates", attn_mask, is_causal)
+        common.refuse_masks("forward_intermediates", attn_mask, is_causal)
         if output_fmt not in ("NCHW", "NLC"):
             raise InputError(f"output_fmt={output_fmt!r}: must be 'NCHW' or 'NLC'")
         take, max_index = feature_take_indices(len(self.blocks), indices)
@@ -232,16 +209,6 @@ class _TokenReduced:
         return self.norm(restore(state)), intermediates
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _new_patched(original: type) -> nn.Module:
-    """An empty instance of the patched subclass of ``original`` (pickle then restores its ``__dict__``)."""
-    cls = patched_class(original)
-    return cls.__new__(cls)
-
-
 def patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_TokenReduced, cls), {})
-    return _PATCHED_CLASSES[cls]
+    """The subclass a patched model of class ``cls`` takes."""
+    return common.patched_subclass(_TokenReduced, cls)

@@ -1,0 +1,84 @@
+"""What every adapter shares: the patched subclass of a model's class (and how it pickles), and the loop that
+carries a token state through a family's blocks with a method's plan, checkpointing and a per-block hook.
+
+An adapter supplies only what is its family's own: how to embed, one block step, and the entry points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.state import TokenState
+
+BlockHook = Callable[[int, TokenState], None]
+#: ``step(block_module, index, state, method, plan) -> state``: one block of a family on a token state.
+BlockStep = Callable[[nn.Module, int, TokenState, Any, Any], TokenState]
+
+_PATCHED: dict[tuple[type, type], type] = {}
+
+
+class Reduced:
+    """Base of every adapter's mixin: a patched model pickles (``pickle``, ``torch.save``, ``deepcopy``, spawned
+    workers) as "the original class, patched again on load", since the patched class is made at run time and
+    pickle cannot find it by name."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        mixin = type(self).__bases__[0]
+        return new_patched, (mixin, self._tokenreduce.original_class), self.__dict__
+
+
+def patched_subclass(mixin: type, cls: type) -> type:
+    """The subclass ``TokenReduced<cls>`` of ``cls`` with ``mixin`` in front, made once per pair.
+
+    >>> class Mixin(Reduced): pass
+    >>> made = patched_subclass(Mixin, nn.Linear)
+    >>> made.__name__, made is patched_subclass(Mixin, nn.Linear)
+    ('TokenReducedLinear', True)
+    """
+    key = (mixin, cls)
+    made = _PATCHED.get(key)
+    if made is None:
+        made = _PATCHED[key] = type(f"TokenReduced{cls.__name__}", (mixin, cls), {})
+    return made
+
+
+def new_patched(mixin: type, original: type) -> nn.Module:
+    """An empty instance of the patched subclass (pickle then restores its ``__dict__``)."""
+    cls = patched_subclass(mixin, original)
+    return cls.__new__(cls)
+
+
+def run_blocks(blocks: Sequence[nn.Module], state: TokenState, method: Any, step: BlockStep,
+               on_block: BlockHook | None = None, stop: int | None = None, grad_checkpointing: bool = False,
+               ) -> TokenState:
+    """Run ``blocks`` (all, or 0..``stop``) on ``state`` with ``method`` (None: unreduced) through the family's
+    ``step``: the method's plan for this input, its ``begin``, then every block, recomputed in the backward pass
+    when ``grad_checkpointing`` and gradients are on (``torch.utils.checkpoint``, non-reentrant). Returns the
+    state after the last block, before any final norm; ``on_block(i, state)`` sees the state after block i."""
+    plan = None
+    if method is not None:
+        plan = method.plan(state.num_tokens, state.num_prefix, len(blocks))
+        state = method.begin(state, plan)
+    use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
+    for i, block in enumerate(blocks if stop is None else list(blocks)[: stop + 1]):
+        if use_checkpoint:
+            state = checkpoint(step, block, i, state, method, plan, use_reentrant=False)
+        else:
+            state = step(block, i, state, method, plan)
+        if on_block is not None:
+            on_block(i, state)
+    return state
+
+
+def refuse_masks(entry: str, attn_mask: torch.Tensor | None, is_causal: bool = False) -> None:
+    """Attention masks cannot be honoured on tokens that are merged or removed: say so instead of ignoring them."""
+    if attn_mask is not None or is_causal:
+        from ..core.errors import InputError
+
+        raise InputError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
+                         "they would mask are merged or removed); tr.unpatch(model) first")
