@@ -163,9 +163,13 @@ def write_outputs(out_dir: Path, result: dict) -> None:
     for p in sorted(result["points"], key=lambda p: (p["method"], -p["gmacs"])):
         opts = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in p["options"].items())
         speed = f"{p['speed_ratio']:.2f}" if p.get("speed_ratio") is not None else "n/a"
-        lines.append(f"| {p['method']} | {opts} | {p['gmacs']:.2f} | {100 * p['gmacs'] / base['gmacs']:.0f} | "
+        mark = " *" if p.get("kept_from_previous_run") else ""
+        lines.append(f"| {p['method']}{mark} | {opts} | {p['gmacs']:.2f} | {100 * p['gmacs'] / base['gmacs']:.0f} | "
                      f"{p['top1']:.2f} | {p['agreement']:.2f} | {p['kl']:.4f} | {speed} | "
                      f"{base['gmacs'] / p['gmacs']:.2f} |")
+    if any(p.get("kept_from_previous_run") for p in result["points"]):
+        lines += ["", "\\* kept from the previous run (`--keep-other-methods`): computed then against that run's "
+                  "unreduced logits, with that method's code of then; rerun without the flag to recompute."]
     (out_dir / "frontier.md").write_text("\n".join(lines) + "\n")
     plot(out_dir / "frontier.png", result)
 
@@ -216,12 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/tokenreduce/frontier")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="only rewrite frontier.md and frontier.png from OUT/frontier.json")
     parser.add_argument("--cached-only", action="store_true",
                         help="write the outputs from the points already computed (e.g. by parallel runs)")
     parser.add_argument("--fingerprint-log", type=Path, default=None,
                         help="with --cached-only: lines 'method sha1[:12]' of method sources seen while computing")
     args = parser.parse_args(argv)
 
+    if args.rewrite:
+        write_outputs(args.out, json.loads((args.out / "frontier.json").read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     images, labels, files = load_images(args.per_class, args.cache)
