@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attend
 from ..core.cost import ModelInfo
-from ..core.errors import InputError, InputTypeError
+from ..core.errors import InputError
 from ..core.ops import restore
 from ..core.state import TokenState
 
