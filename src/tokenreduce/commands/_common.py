@@ -95,9 +95,10 @@ STVIT = "stvit"
 def add_model_arguments(parser: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default,
-                       help=f"timm model name, '{DEMO_MODEL}' for the demo's DINOv2 ViT-S/14, '{HF_PREFIX}PATH' (a Hugging "
-                            f"Face save_pretrained directory) or '{OPEN_CLIP_PREFIX}NAME' (open_clip's image tower of "
-                            f"a model config name or JSON file; weights from --checkpoint) (default {default})")
+                       help=f"timm model name, '{DEMO_MODEL}' for the demo's DINOv2 ViT-S/14, '{HF_PREFIX}PATH' "
+                            f"(a Hugging Face save_pretrained directory) or '{OPEN_CLIP_PREFIX}NAME' (open_clip's "
+                            f"image tower of a model config name or JSON file; weights from --checkpoint) "
+                            f"(default {default})")
     group.add_argument("--model-kwargs", default=None, metavar="K=V,...",
                        help="overrides for timm.create_model, e.g. depth=2,embed_dim=64,num_heads=2,img_size=64")
     group.add_argument("--checkpoint", default=None, metavar="PATH",
