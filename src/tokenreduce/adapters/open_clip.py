@@ -17,7 +17,6 @@ merged tokens without their sizes), scaled cosine attention, ``nn.MultiheadAtten
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -32,13 +31,13 @@ from open_clip.transformer import (
 )
 from timm.models._features import feature_take_indices
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attend
 from ..core.cost import ModelInfo
 from ..core.errors import InputError
 from ..core.ops import restore
 from ..core.state import TokenState
+from . import common
 
 FAMILY = "open_clip VisionTransformer"
 POOLS = ("tok", "avg", "none")
@@ -111,7 +110,7 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
     )
 
 
-BlockHook = Callable[[int, TokenState], None]
+BlockHook = common.BlockHook
 
 
 def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
@@ -171,22 +170,11 @@ def block_step(blk: nn.Module, i: int, state: TokenState, method: Any, plan: Any
 def run_blocks(model: VisionTransformer, state: TokenState, method: Any = None, on_block: BlockHook | None = None,
                stop: int | None = None) -> TokenState:
     """Run blocks 0..``stop`` (all by default) with ``method`` (None: unreduced); the state after the last one,
-    before ``ln_post``. ``on_block(i, state)`` sees the state after block i."""
-    resblocks = model.transformer.resblocks
-    blocks = resblocks if stop is None else resblocks[: stop + 1]
-    plan = None
-    if method is not None:
-        plan = method.plan(state.num_tokens, state.num_prefix, len(resblocks))
-        state = method.begin(state, plan)
-    use_checkpoint = getattr(model.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for i, blk in enumerate(blocks):
-        if use_checkpoint:
-            state = checkpoint(block_step, blk, i, state, method, plan, True, use_reentrant=False)
-        else:
-            state = block_step(blk, i, state, method, plan, True)
-        if on_block is not None:
-            on_block(i, state)
-    return state
+    before ``ln_post``. ``on_block(i, state)`` sees the state after block i; the transformer's
+    ``grad_checkpointing`` recomputes each block in the backward pass."""
+    step = partial(block_step, has_cls=True)
+    return common.run_blocks(model.transformer.resblocks, state, method, step, on_block, stop,
+                             grad_checkpointing=getattr(model.transformer, "grad_checkpointing", False))
 
 
 def forward_tokens(model: VisionTransformer, images: torch.Tensor, method: Any = None, track_owner: bool = False,
@@ -212,14 +200,11 @@ def _head(model: VisionTransformer, x: torch.Tensor) -> Any:
     return (pooled, tokens) if getattr(model, "output_tokens", False) else pooled
 
 
-class _TokenReduced:
+class _TokenReduced(common.Reduced):
     """Mixed in front of the tower's class while a method is patched in: ``forward`` (hence ``CLIP.encode_image``)
     and ``forward_intermediates`` run the reduced model. Outputs that read patch tokens (average or no pooling,
     ``output_tokens``, intermediates) get the restored full grid (``core.ops.restore``), so their shapes are the
     unpatched ones."""
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        return _new_patched, (self._tokenreduce.original_class,), self.__dict__
 
     def forward(self, x: torch.Tensor) -> Any:
         method = self._tokenreduce.method
@@ -266,15 +251,6 @@ class _TokenReduced:
         return output
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _new_patched(original: type) -> nn.Module:
-    cls = patched_class(original)
-    return cls.__new__(cls)
-
-
 def patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"TokenReduced{cls.__name__}", (_TokenReduced, cls), {})
-    return _PATCHED_CLASSES[cls]
+    """The subclass a patched tower of class ``cls`` takes."""
+    return common.patched_subclass(_TokenReduced, cls)
