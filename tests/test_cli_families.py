@@ -217,3 +217,13 @@ def test_hf_bad_directory_and_image_size_exit_2(tmp_path, hf_dir, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert main(["eval", "--model", f"hf:{hf_dir}", "--data", str(tmp_path), "--img-size", "96",
                  "--method", "none"]) == 2
+
+
+@pytest.mark.parametrize("spec", ["hf:/some/dir", "open_clip:ViT-B-16"])
+def test_train_refuses_other_families_clearly(spec, tmp_path, capsys):
+    from tokenreduce.cli import main as cli_main
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    argv = ["train", "--model", spec, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--epochs", "1"]
+    assert cli_main(argv) == 2
+    assert "train takes timm models" in capsys.readouterr().err

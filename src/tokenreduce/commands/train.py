@@ -96,6 +96,10 @@ def build_model(args: argparse.Namespace):
 
     if args.stvit and args.method:
         raise InputError("--stvit and --method exclude each other")
+    if args.model.startswith(("hf:", "open_clip:")):
+        # The trainer's freezing, head learning rate and checkpoints read a timm model's layout.
+        raise InputError(f"--model {args.model!r}: train takes timm models (and STViT built from them); a patched "
+                         "Hugging Face or open_clip model trains in your own loop like the plain one")
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
