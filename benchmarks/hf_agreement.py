@@ -4,9 +4,9 @@ The benchmark classifier (``/work/shared/models/dinov2_s14_cifar10.safetensors``
 224 x 224, 10 classes) is converted by key mapping to ``transformers``' ``Dinov2ForImageClassification`` (its
 classifier reads ``[CLS, mean of patch tokens]``; timm's head reads the CLS only, so the patch-mean half of the
 classifier weight is zero), saved with ``save_pretrained`` to a temporary directory and loaded back with
-``from_pretrained``. ToMe r=13 and GTP r=13 (and with ``--unreduced`` the unreduced models): top-1 of both paths on the 2,000 frontier images (first 200
-per class of the CIFAR-10 test set, see ``benchmarks/frontier.py``), the share of images whose predicted class
-agrees, and the largest logit difference.
+``from_pretrained``. ToMe r=13 and GTP r=13 (and with ``--unreduced`` the unreduced models): top-1 of both paths
+on the 2,000 frontier images (first 200 per class of the CIFAR-10 test set, see ``benchmarks/frontier.py``), the
+share of images whose predicted class agrees, and the largest logit difference.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hf_agreement.py
         -> benchmarks/results/hf_agreement.json
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--unreduced", action="store_true", help="also compare the unreduced models")
+    parser.add_argument("--only", default=None, help="run only the settings whose label starts with this (e.g. gtp)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hf_agreement.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +69,8 @@ def main() -> None:
               "hf_class": "Dinov2ForImageClassification (save_pretrained -> from_pretrained, sdpa)",
               "images": len(images), "transformers": transformers.__version__, "torch": torch.__version__,
               "threads": args.threads, "settings": {}}
-    for label, method, options in ([UNREDUCED] if args.unreduced else []) + SETTINGS:
+    settings = ([UNREDUCED] if args.unreduced else []) + SETTINGS
+    for label, method, options in [s for s in settings if args.only is None or s[0].startswith(args.only)]:
         start = time.perf_counter()
         if method is None:
             tr.unpatch(timm_model)

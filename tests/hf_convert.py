@@ -5,13 +5,23 @@ same weights, so the two adapters of tokenreduce can be compared), used by ``tes
 from __future__ import annotations
 
 import torch
-from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTModel, Dinov2Config,
-                          Dinov2ForImageClassification, Dinov2Model, ViTConfig, ViTModel)
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    ViTConfig,
+    ViTModel,
+)
 
 
 def _common(model, **extra) -> dict:
     blk = model.blocks[0]
-    return dict(hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
+    return dict(hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks),
+                num_attention_heads=blk.attn.num_heads,
                 intermediate_size=blk.mlp.fc1.out_features, image_size=model.patch_embed.img_size[0],
                 patch_size=model.patch_embed.patch_size[0], num_channels=model.patch_embed.proj.in_channels,
                 hidden_act="gelu", **extra)
