@@ -43,7 +43,10 @@ def patched_subclass(mixin: type, cls: type) -> type:
     key = (mixin, cls)
     made = _PATCHED.get(key)
     if made is None:
-        made = _PATCHED[key] = type(f"TokenReduced{cls.__name__}", (mixin, cls), {})
+        qualname = f"TokenReduced{cls.__name__}"
+        # A mixin may keep the original name (transformers' save_pretrained writes it as the architecture).
+        name = cls.__name__ if getattr(mixin, "keep_class_name", False) else qualname
+        made = _PATCHED[key] = type(name, (mixin, cls), {"__module__": mixin.__module__, "__qualname__": qualname})
     return made
 
 
@@ -54,19 +57,21 @@ def new_patched(mixin: type, original: type) -> nn.Module:
 
 
 def run_blocks(blocks: Sequence[nn.Module], state: TokenState, method: Any, step: BlockStep,
-               on_block: BlockHook | None = None, stop: int | None = None, grad_checkpointing: bool = False,
-               ) -> TokenState:
+               on_block: BlockHook | None = None, stop: int | None = None,
+               grad_checkpointing: bool | Callable[[nn.Module], bool] = False) -> TokenState:
     """Run ``blocks`` (all, or 0..``stop``) on ``state`` with ``method`` (None: unreduced) through the family's
     ``step``: the method's plan for this input, its ``begin``, then every block, recomputed in the backward pass
-    when ``grad_checkpointing`` and gradients are on (``torch.utils.checkpoint``, non-reentrant). Returns the
+    when ``grad_checkpointing`` (a flag, or a test of each block) and gradients are on (``torch.utils.checkpoint``,
+    non-reentrant). Returns the
     state after the last block, before any final norm; ``on_block(i, state)`` sees the state after block i."""
     plan = None
     if method is not None:
         plan = method.plan(state.num_tokens, state.num_prefix, len(blocks))
         state = method.begin(state, plan)
-    use_checkpoint = grad_checkpointing and torch.is_grad_enabled()
+    grad = torch.is_grad_enabled()
     for i, block in enumerate(blocks if stop is None else list(blocks)[: stop + 1]):
-        if use_checkpoint:
+        wanted = grad_checkpointing(block) if callable(grad_checkpointing) else grad_checkpointing
+        if wanted and grad:
             state = checkpoint(step, block, i, state, method, plan, use_reentrant=False)
         else:
             state = step(block, i, state, method, plan)

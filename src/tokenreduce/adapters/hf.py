@@ -34,18 +34,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attend
 from ..core.cost import ModelInfo, analytic_flops
 from ..core.errors import InputError, InputTypeError
 from ..core.ops import restore
 from ..core.state import TokenState
+from . import common
 
 FAMILY = "Hugging Face transformers ViT/DeiT/DINOv2/CLIP/SigLIP"
 TESTED_TRANSFORMERS = ">=5.0,<6 (tested: 5.18.0)"
 
-BlockHook = Callable[[int, TokenState], None]
+BlockHook = common.BlockHook
 
 
 # --- what the adapter knows of each architecture -------------------------------------------------------------
@@ -326,21 +326,14 @@ def run_layers(base: nn.Module, state: TokenState, method: Any = None, on_block:
     """Run every layer on ``state`` with ``method`` (None: unreduced); the state after the last layer, before
     the final norm. Layers with gradient checkpointing on are recomputed in the backward pass, as in transformers."""
     arch = _arch(base)
-    layers = _layers(base, arch)
     fused = _fused(base)
-    plan = None
-    if method is not None:
-        plan = method.plan(state.num_tokens, state.num_prefix, len(layers))
-        state = method.begin(state, plan)
-    for i, layer in enumerate(layers):
-        args = (layer, arch.layout, i, state, method, plan, arch.has_cls, fused)
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            state = checkpoint(block_step, *args, use_reentrant=False)
-        else:
-            state = block_step(*args)
-        if on_block is not None:
-            on_block(i, state)
-    return state
+
+    def step(layer: nn.Module, i: int, state: TokenState, method: Any, plan: Any) -> TokenState:
+        return block_step(layer, arch.layout, i, state, method, plan, arch.has_cls, fused)
+
+    return common.run_blocks(_layers(base, arch), state, method, step, on_block,
+                             grad_checkpointing=lambda layer: getattr(layer, "gradient_checkpointing", False)
+                             and layer.training)
 
 
 def final_norm(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -510,13 +503,13 @@ def dense_features(model: nn.Module, images: torch.Tensor, method: Any) -> torch
     return grid
 
 
-class _TokenReduced:
+class _TokenReduced(common.Reduced):
     """Mixed in front of the model's own class while a method is patched in: ``forward`` runs the reduced model
-    and returns the model's own output dataclass (see the module doc)."""
+    and returns the model's own output dataclass (see the module doc). The patched class keeps the original
+    class name, so ``save_pretrained`` writes it as the config's architecture and a saved patched model loads as
+    the original class."""
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        # The patched class is made at run time: store the original class and make the patched one again on load.
-        return _new_patched, (self._tokenreduce.original_class,), self.__dict__
+    keep_class_name = True
 
     def forward(self, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -536,21 +529,9 @@ class _TokenReduced:
         return replace(report, gmacs=report.gmacs + delta, head_gmacs=report.head_gmacs + delta)
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _new_patched(original: type) -> nn.Module:
-    cls = patched_class(original)
-    return cls.__new__(cls)
-
-
 def patched_class(cls: type) -> type:
-    """The patched subclass. It keeps the original class name (``save_pretrained`` writes it as the config's
-    architecture, so a saved patched model loads as the original class)."""
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(cls.__name__, (_TokenReduced, cls),
-                                     {"__module__": __name__, "__qualname__": f"TokenReduced{cls.__name__}"})
-    return _PATCHED_CLASSES[cls]
+    """The patched subclass (it keeps the original class name; see ``_TokenReduced``)."""
+    return common.patched_subclass(_TokenReduced, cls)
 
 
 __all__ = ["FAMILY", "dense_features", "forward_tokens", "model_info", "patched_class", "unsupported_reason"]
