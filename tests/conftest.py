@@ -27,6 +27,19 @@ MODEL_CASES = {
 }
 
 
+# Method options that really reduce the small models above (36 or 49 patches, 4 blocks), and ones that remove
+# nothing; PPT's threshold mixes pruning and pooling in a batch of DeiT-S images.
+REDUCING = {
+    "tome": dict(r=4),
+    "topk": dict(keep_rate=0.7, layers=(1, 2)),
+    "evit": dict(keep_rate=0.7, layers=(1, 2)),
+    "gtp": dict(r=4),
+    "ppt": dict(r=4, layers=(1, 2), threshold=2.15e-6),
+}
+NO_OP = {"tome": dict(r=0), "topk": dict(keep_rate=1.0, layers=(1, 2)), "evit": dict(keep_rate=1.0, layers=(1, 2)),
+         "gtp": dict(r=0), "ppt": dict(r=0, layers=(1, 2))}
+
+
 def make_model(case: str, **overrides) -> torch.nn.Module:
     """A small, seeded, eval-mode instance of a supported model (``name[:tag]`` keys of MODEL_CASES)."""
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import MODEL_CASES, images, make_model
+from conftest import MODEL_CASES, NO_OP, REDUCING, images, make_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
@@ -15,15 +15,6 @@ from tokenreduce.core import ops
 from tokenreduce.core.state import TokenState
 from tokenreduce.methods.base import create_method
 
-REDUCING = {
-    "tome": dict(r=4),
-    "topk": dict(keep_rate=0.7, layers=(1, 2)),
-    "evit": dict(keep_rate=0.7, layers=(1, 2)),
-    "gtp": dict(r=4),
-    "ppt": dict(r=4, layers=(1, 2), threshold=2.15e-6),
-}
-NO_OP = {"tome": dict(r=0), "topk": dict(keep_rate=1.0, layers=(1, 2)), "evit": dict(keep_rate=1.0, layers=(1, 2)),
-         "gtp": dict(r=0), "ppt": dict(r=0, layers=(1, 2))}
 METHODS = sorted(REDUCING)
 POOLING_CASES = ["deit_small_patch16_224", "deit_base_distilled_patch16_224", "vit_base_patch16_gap_224",
                  "vit_medium_patch16_reg4_gap_256"]
@@ -191,18 +182,6 @@ def test_forward_head_of_forward_features_equals_forward(case, method):
     assert features.shape == (2, model.num_prefix_tokens + h * w, model.embed_dim)
 
 
-def test_average_pooled_merge_equals_the_size_weighted_mean():
-    """For a merge method the mean over the restored grid is the size-weighted mean of the merged tokens."""
-    model = tr.patch(make_model("vit_base_patch16_gap_224"), "tome", r=4)
-    x = images(model)
-    state = tr.trace(model, x)[-1]
-    with torch.no_grad():
-        final = model.norm(state.x)
-        pooled = (final * state.size).sum(1) / state.size.sum(1)
-        torch.testing.assert_close(model(x), model.head(model.fc_norm(pooled)), rtol=0, atol=1e-5)
-
-
-@pytest.mark.floor
 @pytest.mark.parametrize("entry", ["forward", "forward_features", "forward_intermediates"])
 def test_attention_masks_are_refused_not_ignored(entry):
     model = tr.patch(make_model("deit_small_patch16_224"), "tome", r=4)

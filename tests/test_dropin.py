@@ -12,18 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import images, make_model
+from conftest import REDUCING, images, make_model
 
 import tokenreduce as tr
 from tokenreduce.adapters import common
 
-REDUCING = {
-    "tome": dict(r=4),
-    "topk": dict(keep_rate=0.7, layers=(1, 2)),
-    "evit": dict(keep_rate=0.7, layers=(1, 2)),
-    "gtp": dict(r=4),
-    "ppt": dict(r=4, layers=(1, 2), threshold=2.15e-6),
-}
 METHODS = sorted(REDUCING)
 
 
