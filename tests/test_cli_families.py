@@ -219,11 +219,23 @@ def test_hf_bad_directory_and_image_size_exit_2(tmp_path, hf_dir, capsys):
                  "--method", "none"]) == 2
 
 
-@pytest.mark.parametrize("spec", ["hf:/some/dir", "open_clip:ViT-B-16"])
-def test_train_refuses_other_families_clearly(spec, tmp_path, capsys):
-    from tokenreduce.cli import main as cli_main
-
+def test_train_refuses_an_open_clip_tower_clearly(tmp_path, capsys):
     (tmp_path / "data" / "a").mkdir(parents=True)
-    argv = ["train", "--model", spec, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--epochs", "1"]
-    assert cli_main(argv) == 2
-    assert "train takes timm models" in capsys.readouterr().err
+    argv = ["train", "--model", "open_clip:ViT-B-16", "--data", str(tmp_path / "data"), "--out",
+            str(tmp_path / "out"), "--epochs", "1"]
+    assert main(argv) == 2
+    assert "has no classifier to train" in capsys.readouterr().err
+
+
+def test_train_fine_tunes_a_patched_hf_classifier(tmp_path, hf_dir, image_folder, capsys):
+    if not _hf_adapter_ready():
+        pytest.skip("the Hugging Face adapter is not available")
+    out = tmp_path / "run"
+    argv = ["train", "--model", f"hf:{hf_dir}", "--data", str(image_folder), "--out", str(out), "--epochs", "1",
+            "--batch-size", "3", "--workers", "0", "--no-progress", "--threads", "1", "--method", "tome",
+            "--opt", "r=2"]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["steps"] == 2 and result["images_seen"] == 6
+    assert main([*argv[:-4], "--freeze-blocks", "2"]) == 2
+    assert "--freeze-blocks reads a timm model's layout" in capsys.readouterr().err

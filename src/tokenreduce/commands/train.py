@@ -86,6 +86,24 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _hf_classifier(args: argparse.Namespace):
+    """An ``hf:PATH`` image classifier (``_common.load_family_model``), patched with ``--method`` if given."""
+    import tokenreduce as tr
+
+    from ._common import load_family_model
+
+    model = load_family_model(args.model, args.checkpoint, **parse_pairs(args.model_kwargs, "--model-kwargs"))
+    if not model.num_classes:
+        raise InputError(f"--model {args.model!r} is not an image classifier (no labels to train)")
+    classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
+    wanted = args.num_classes or classes
+    if wanted and wanted != model.num_classes:
+        raise InputError(f"--model {args.model!r} has {model.num_classes} labels but the data has {wanted} classes")
+    if args.method:
+        tr.patch(model, args.method, **dict(_option(o) for o in args.option))
+    return model
+
+
 def build_model(args: argparse.Namespace):
     """The model ``args`` describe, with the initial weights loaded."""
     import timm
@@ -96,10 +114,16 @@ def build_model(args: argparse.Namespace):
 
     if args.stvit and args.method:
         raise InputError("--stvit and --method exclude each other")
-    if args.model.startswith(("hf:", "open_clip:")):
-        # The trainer's freezing, head learning rate and checkpoints read a timm model's layout.
-        raise InputError(f"--model {args.model!r}: train takes timm models (and STViT built from them); a patched "
-                         "Hugging Face or open_clip model trains in your own loop like the plain one")
+    if args.model.startswith("open_clip:"):
+        raise InputError(f"--model {args.model!r}: an open_clip image tower has no classifier to train; train "
+                         "takes timm models (and STViT built from them) and hf: image classifiers")
+    if args.model.startswith("hf:"):
+        # A Hugging Face classifier (its own head and labels), optionally patched; the trainer reads its logits.
+        if args.stvit:
+            raise InputError(f"--model {args.model!r}: --stvit builds on timm models only")
+        if args.freeze_blocks:
+            raise InputError(f"--model {args.model!r}: --freeze-blocks reads a timm model's layout; not for hf:")
+        return _hf_classifier(args)
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
