@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import transformers
+from conftest import REDUCING as SMALL_REDUCING
 from hf_convert import timm_to_hf_clip, timm_to_hf_dinov2, timm_to_hf_vit
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,13 +46,8 @@ CASES = {
 }
 PREFIX = {"ViT": 1, "DeiT": 2, "Dinov2Model": 1, "Dinov2Model:swiglu": 1, "Dinov2ForImageClassification": 1,
           "Dinov2With": 4, "CLIP": 1, "Siglip": 0}
-REDUCING = {
-    "tome": dict(r=4),
-    "topk": dict(keep_rate=0.7, layers=(1, 2)),
-    "evit": dict(keep_rate=0.7, layers=(1, 2)),
-    "gtp": dict(r=4),
-    "ppt": dict(r=4, layers=(1, 2), threshold=2e-6),
-}
+# conftest's reducing options, PPT with the threshold these transformers configs were checked with.
+REDUCING = {**SMALL_REDUCING, "ppt": dict(r=4, layers=(1, 2), threshold=2e-6)}
 NO_OP = {"tome": dict(r=0), "topk": dict(keep_rate=1.0, layers=(1, 2)), "evit": dict(keep_rate=1.0, layers=(1, 2)),
          "gtp": dict(r=0, sparsity=0.5), "ppt": dict(r=0, layers=(1, 2))}
 METHODS = sorted(REDUCING)
