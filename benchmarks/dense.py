@@ -256,6 +256,19 @@ def run_eval(args: argparse.Namespace) -> None:
              "cosine_p10": 1.0, "photos": len(report_files)}]
     missing: list[str] = []
     cached_names: list[str] = []
+
+    def settled(name: str, cached: dict | None) -> bool:
+        """Take a row from the cache, or note it missing under --cached-only; False: compute it."""
+        if cached is not None:
+            rows.append(cached["row"])
+            cached_names.append(name)
+            pictures[name] = cached["maps"]
+            print(f"{name}: cached row from {cached['path']}", flush=True)
+            return True
+        if args.cached_only:
+            missing.append(name)
+            return True
+        return False
     methods = tr.methods() if args.methods is None else [m for m in args.methods if m != "none"]
     for method in methods:
         for level, share in LEVELS.items():
@@ -263,15 +276,7 @@ def run_eval(args: argparse.Namespace) -> None:
                 continue
             options = tr.schedule_for_flops(backbone, method, target_gmacs=share * base)
             name = f"{method} @ {level}"
-            cached = cached_row(name, options, len(report_files), args)
-            if cached is not None:
-                rows.append(cached["row"])
-                cached_names.append(name)
-                pictures[name] = cached["maps"]
-                print(f"{name}: cached row from {cached['path']}", flush=True)
-                continue
-            if args.cached_only:
-                missing.append(name)
+            if settled(name, cached_row(name, options, len(report_files), args)):
                 continue
             with tr.patched(backbone, method, **options):
                 gmacs = tr.flops(backbone).total_gmacs
@@ -293,16 +298,8 @@ def run_eval(args: argparse.Namespace) -> None:
             print(f"no STViT-R checkpoint at {CHECKPOINT}: run `train-stvitr` first; only the untrained row",
                   file=sys.stderr)
         for name, build in students.items():
-            cached = cached_row(name, STVITR_OPTIONS, len(report_files), args,
-                                training if "distilled" in name else None)
-            if cached is not None:
-                rows.append(cached["row"])
-                cached_names.append(name)
-                pictures[name] = cached["maps"]
-                print(f"{name}: cached row from {cached['path']}", flush=True)
-                continue
-            if args.cached_only:
-                missing.append(name)
+            if settled(name, cached_row(name, STVITR_OPTIONS, len(report_files), args,
+                                        training if "distilled" in name else None)):
                 continue
             student = build()
             gmacs = tr.flops(student).total_gmacs
