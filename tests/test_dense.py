@@ -253,3 +253,23 @@ def test_caches_stay_bounded():
     for n in range(10, 200):
         method.plan(n, 1, 2)
     assert 0 < len(method._plans) <= 32
+
+
+def test_a_patch_keeps_the_feature_of_its_first_departure():
+    """EViT: patches fused at block 0 stay 'left' with their block-0 feature when the fused token they live in
+    is dropped (and fused again) at block 1."""
+    method = create_method("evit", r=[2, 2], layers=None)
+    plan = method.plan(5, 1, 2)
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [4.0, 4.0]]])
+    state = TokenState(x.clone(), num_prefix=1, grid=(2, 2)).tracked(dense=True)
+
+    def stats(row: list[float]) -> dict[str, torch.Tensor]:
+        return {"cls_attn": torch.tensor(row).view(1, 1, -1).expand(1, 2, -1)}
+
+    first = method.reduce(0, state, stats([0.15, 0.4, 0.3, 0.1, 0.05]), plan.amounts[0])  # tokens 3, 4 leave
+    later = first.replace(x=first.x + 10.0)  # what the next block's attention would do
+    second = method.reduce(1, later, stats([0.3, 0.4, 0.2, 0.1]), plan.amounts[1])  # token 2 and the fused one
+    assert second.left.tolist() == [[False, True, True, True]]
+    full = ops.restore(second)
+    assert torch.equal(full[0, 3:], x[0, 3:])  # block-0 features, not the fused token's at block 1
+    assert torch.equal(full[0, 2], x[0, 2] + 10.0)  # left at block 1 with its block-1 feature
