@@ -441,3 +441,51 @@ def test_analytic_flops_match_flop_counter(options):
     assert report.total_gmacs * 1e9 == pytest.approx(counted, rel=0.01)
     # Every matrix product is accounted for, the graph and the propagation included: the counts agree exactly.
     assert report.total_gmacs * 1e9 == pytest.approx(counted, abs=1)
+
+
+# --- the map statistics without the whole map (core.attention.map_statistics) ---------------------
+
+@pytest.mark.parametrize("kernel", ["chunked", "fused"])
+@pytest.mark.parametrize("chunk_elements", [1, 2 * 3 * 7 * 7, None])  # one image, two images, the default
+def test_map_statistics_equal_the_full_map(kernel, chunk_elements):
+    from tokenreduce.core.attention import attend, map_statistics
+
+    q, k, v = torch.randn(3, 5, 3, 7, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    bias = torch.rand(5, 1, 1, 7, generator=torch.Generator().manual_seed(1)).add(0.5).log()
+    reference, full = attend(q, k, v, 8 ** -0.5, bias, need=("attn",), fused=False)
+    out, stats = map_statistics(q, k, v, 8 ** -0.5, bias, kernel=kernel, chunk_elements=chunk_elements)
+    torch.testing.assert_close(stats["col_sum"], full["attn"].sum(dim=-2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["diag"], full["attn"].diagonal(dim1=-2, dim2=-1), atol=1e-7, rtol=0)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+    if kernel == "chunked":  # the reference arithmetic, image by image: bit for bit
+        assert torch.equal(out, reference) and torch.equal(stats["col_sum"], full["attn"].sum(dim=-2))
+
+
+def test_map_statistics_refuse_an_unknown_kernel():
+    from tokenreduce.core.attention import map_statistics
+
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="unknown map kernel 'flash'; known: auto, chunked, fused"):
+        map_statistics(q, q, q, 0.5, kernel="flash")
+
+
+@pytest.mark.parametrize("selection", ["mixed_attn_max", "mixed_attn_mean", "col_sum", "diag"])
+def test_chunked_map_equals_the_full_map_reference(selection, monkeypatch):
+    from tokenreduce.core import attention
+
+    monkeypatch.setattr(attention, "MAP_CHUNK_ELEMENTS", 3 * 17 * 17 * 2)  # two images per chunk: 3 chunks
+    model = small_deit()
+    x = images(5)
+    with torch.no_grad():
+        tr.patch(model, "gtp", r=4, selection=selection, map="full")
+        reference, reference_states = model(x), tr.trace(model, x)
+        tr.patch(model, "gtp", r=4, selection=selection)
+        chunked, states = model(x), tr.trace(model, x)
+    assert tr.describe(model)["map"] == "chunked"
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=0)
+    assert all(torch.equal(a.owner, b.owner) for a, b in zip(states, reference_states, strict=True))
+
+
+def test_unknown_map_is_refused():
+    with pytest.raises(ValueError, match="gtp: unknown map 'dense'; valid: chunked, full"):
+        tr.patch(small_deit(), "gtp", map="dense")

@@ -15,10 +15,17 @@ Statistics a method may ask for (by name; over the key tokens, from the queries)
 - ``"cls_attn"``: post-softmax attention of the CLS query, ``B x H x N``; for a model without a CLS
   token, the mean over all query rows.
 - ``"value_norm"``: L2 norm of every token's value vector, heads concatenated, ``B x N``.
+- ``"col_sum"``: post-softmax attention summed over the queries, per head, ``B x H x N`` (GTP's selection).
+- ``"diag"``: the diagonal of the post-softmax map (each token's attention to itself), per head, ``B x H x N``.
 - ``"attn"``: the full post-softmax map, ``B x H x N x N`` (forces the unfused path).
 
 Where no full map is needed the output uses ``F.scaled_dot_product_attention`` (the fused kernel) with the
 size bias as an additive float mask, and the CLS row is its own small product ``q_cls . K^T``.
+
+``"col_sum"`` and ``"diag"`` are read from the map a few images at a time (:func:`map_statistics`): the
+``B x H x N x N`` map of the whole batch never exists. On CPU the output comes from the same chunks (at
+DeiT-S sizes a cache-sized chunk of the unfused arithmetic is faster than the fused kernel plus a second
+pass for the statistics); elsewhere it comes from the fused kernel and the chunks only make the statistics.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ from torch import nn
 
 from .errors import InputError
 
-STATISTICS = frozenset({"metric", "cls_attn", "value_norm", "attn"})
+STATISTICS = frozenset({"metric", "cls_attn", "value_norm", "attn", "col_sum", "diag"})
+#: Statistics read from the post-softmax map, which ``map_statistics`` computes chunk by chunk.
+MAP_STATISTICS = frozenset({"col_sum", "diag"})
+#: Elements of the map held at once by ``map_statistics`` (4 MiB in float32: a few images at DeiT-S sizes).
+MAP_CHUNK_ELEMENTS = 1 << 20
+#: How ``map_statistics`` produces the output: "chunked" (from the chunks of the map) or "fused" (from
+#: ``scaled_dot_product_attention``); "auto" takes "chunked" on CPU and "fused" on accelerators.
+MAP_KERNELS = ("auto", "chunked", "fused")
 
 
 def _add_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,6 +88,72 @@ def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = Non
     return _maybe(attn, "q_norm", q), _maybe(attn, "k_norm", k), v
 
 
+def _map_chunk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """The post-softmax map of some images, with the reference path's exact arithmetic."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits += bias
+    return logits.softmax(dim=-1)
+
+
+def map_statistics(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    size_bias: torch.Tensor | None = None,
+    need: Collection[str] = MAP_STATISTICS,
+    kernel: str = "auto",
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The attention output and the map statistics ``"col_sum"`` / ``"diag"`` (``B x H x N`` each) without the
+    whole ``B x H x N x N`` map: it is made for a few images at a time, at most ``chunk_elements`` entries
+    (default ``MAP_CHUNK_ELEMENTS``).
+
+    ``kernel="chunked"`` takes the output from the same chunks (``probs @ v``, the reference arithmetic);
+    ``"fused"`` from ``F.scaled_dot_product_attention``, the chunks then only make the statistics; ``"auto"``:
+    chunked on CPU, fused elsewhere. Under ``torch.compile`` or export the whole batch is one chunk (the
+    compiler fuses it; a loop over the batch would unroll per batch size).
+
+    >>> q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
+    >>> out, stats = map_statistics(q, k, v, 0.5, chunk_elements=50)  # one image (2 x 5 x 5) per chunk
+    >>> probs = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)
+    >>> torch.allclose(stats["col_sum"], probs.sum(-2)), torch.allclose(out, probs @ v, atol=1e-6)
+    (True, True)
+    """
+    if kernel not in MAP_KERNELS:
+        raise InputError(f"unknown map kernel {kernel!r}; known: {', '.join(MAP_KERNELS)}")
+    if kernel == "auto":
+        kernel = "chunked" if q.device.type == "cpu" else "fused"
+    batch, heads, num_q, _ = q.shape
+    if torch.compiler.is_compiling():
+        rows = batch
+    else:
+        budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        rows = max(1, budget // (heads * num_q * k.shape[2]))
+    bias = None if size_bias is None else size_bias.to(q.dtype)
+    outs, columns, diagonals = [], [], []
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        probs = _map_chunk(q[part], k[part], scale, None if bias is None else bias[part])
+        if kernel == "chunked":
+            outs.append(probs @ v[part])
+        if "col_sum" in need:
+            columns.append(probs.sum(dim=-2))
+        if "diag" in need:
+            diagonals.append(probs.diagonal(dim1=-2, dim2=-1))
+    if kernel == "chunked":
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    else:
+        default = scale == q.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=None if default else scale)
+    stats = {}
+    for name, parts in (("col_sum", columns), ("diag", diagonals)):
+        if parts:
+            stats[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out, stats
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,7 +180,8 @@ def attend(
     >>> tuple(out.shape), tuple(stats["cls_attn"].shape)
     ((1, 2, 4, 8), (1, 2, 4))
     """
-    unknown = set(need) - STATISTICS
+    need = frozenset(need)
+    unknown = need - STATISTICS
     if unknown:
         raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
     batch = q.shape[0]
@@ -109,7 +190,8 @@ def attend(
 
     # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
     # once and take the output from it rather than a second Q K^T beside the fused kernel.
-    full_map = "attn" in need or transform is not None or not fused or ("cls_attn" in need and not has_cls)
+    full_map = ("attn" in need or transform is not None or not fused or ("cls_attn" in need and not has_cls)
+                or (dropout > 0 and bool(need & MAP_STATISTICS)))  # the chunks apply no dropout
     if full_map:
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -119,14 +201,21 @@ def attend(
             probs = transform(probs)
         if "attn" in need:
             stats["attn"] = probs
+        if "col_sum" in need:
+            stats["col_sum"] = probs.sum(dim=-2)
+        if "diag" in need:
+            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
         if "cls_attn" in need:
             stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
         out = (probs if attn_drop is None else attn_drop(probs)) @ v
     else:
-        # The default scale is passed as None, so the kernel runs exactly as in the models we patch.
-        default = scale == q.shape[-1] ** -0.5
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
-                                             scale=None if default else scale)
+        if need & MAP_STATISTICS:
+            out, stats = map_statistics(q, k, v, scale, size_bias, need & MAP_STATISTICS)
+        else:
+            # The default scale is passed as None, so the kernel runs exactly as in the models we patch.
+            default = scale == q.shape[-1] ** -0.5
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                 scale=None if default else scale)
         if "cls_attn" in need:
             row = _add_bias((q[:, :, :1] * scale) @ k.transpose(-2, -1), bias)
             stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]

@@ -29,8 +29,12 @@ from .base import Method, Plan, register, resolve_r, validate_r
 
 GRAPHS = ("spatial", "semantic", "mixed")
 SELECTIONS = ("mixed_attn_max", "mixed_attn_mean", "cls_attn", "col_sum", "diag", "random")
-#: Selections that read the full post-softmax attention map.
-_FULL_MAP_SELECTIONS = frozenset({"mixed_attn_max", "mixed_attn_mean", "col_sum", "diag"})
+#: What each selection reads of the post-softmax attention map (column sums, diagonal).
+_MAP_STATISTICS = {"mixed_attn_max": frozenset({"col_sum", "diag"}), "mixed_attn_mean": frozenset({"col_sum", "diag"}),
+                   "col_sum": frozenset({"col_sum"}), "diag": frozenset({"diag"})}
+#: How the map statistics are computed: "chunked" (a few images at a time, ``core.attention.map_statistics``)
+#: or "full" (the whole ``B x H x N x N`` map, as the official code; the reference).
+MAPS = ("chunked", "full")
 #: ``state.extras`` keys: the graph of block 0 (``B x n0 x n0``) and, per image, the block-0 index of every
 #: current image token (``B x n``); the current graph is ``current_graph(state)``.
 GRAPH_KEY = "gtp_graph"
@@ -157,6 +161,9 @@ def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix:
     - ``cls_attn``: the CLS row (mean of all rows without a CLS token), mean over heads.
     - ``random``: uniform scores from a generator seeded by (seed, block); the same for every image of a
       batch, so an image's selection never depends on its batch.
+
+    The map statistics are read from ``stats["col_sum"]`` / ``stats["diag"]`` (per head, ``B x H x N``) or,
+    when only the whole map ``stats["attn"]`` is given, from it.
     """
     if selection == "cls_attn":
         return stats["cls_attn"][:, :, num_prefix:].mean(dim=1)
@@ -164,13 +171,15 @@ def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) * 1_000_003 + block)
         return torch.rand(1, num_tokens - num_prefix, generator=generator, device=device)
-    attn = stats["attn"]
     reduce_heads = (lambda t: t.amax(dim=1)) if selection != "mixed_attn_mean" else (lambda t: t.mean(dim=1))
+    attn = stats.get("attn")
     if selection in ("mixed_attn_max", "mixed_attn_mean", "diag"):
-        diag = reduce_heads(attn.diagonal(dim1=-2, dim2=-1)[:, :, num_prefix:])
+        per_head = stats["diag"] if "diag" in stats else attn.diagonal(dim1=-2, dim2=-1)
+        diag = reduce_heads(per_head[:, :, num_prefix:])
         if selection == "diag":
             return diag
-    column = reduce_heads(attn.sum(dim=-2)[..., num_prefix:])  # summing the contiguous map is faster
+    per_head = stats["col_sum"] if "col_sum" in stats else attn.sum(dim=-2)  # summing the contiguous map is faster
+    column = reduce_heads(per_head[..., num_prefix:])
     if selection == "col_sum":
         return column
     return diag * column
@@ -194,6 +203,9 @@ class GTP(Method):
         sparsity: theta in (0, 1]; below 1, each reducing block zeroes the attention entries under the
             floor(N^2 (1 - theta))-th smallest per image and head, for the output and the selection.
         seed: seed of the "random" selection.
+        map: how the selection reads the attention map: "chunked" (default; column sums and diagonal made a
+            few images at a time, never the whole ``B x H x N x N`` map; same scores to float rounding) or
+            "full" (the whole map, as the official code; the reference).
 
     Prefix tokens (CLS, distillation, registers) are never removed and receive nothing; kept tokens stay in
     raster order. With owner tracking, a propagated token's patches go to the kept neighbour that received
@@ -204,15 +216,17 @@ class GTP(Method):
 
     def __init__(self, r: Any = 8, graph: str = "mixed", k: int = 8, alpha: float = 0.1,
                  selection: str = "mixed_attn_max", token_scale: bool = True, sparsity: float = 1.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, map: str = "chunked") -> None:
         super().__init__(r=r, graph=graph, k=k, alpha=alpha, selection=selection, token_scale=token_scale,
-                         sparsity=sparsity, seed=seed)
+                         sparsity=sparsity, seed=seed, map=map)
         validate_r(self.name, r)
         if graph not in GRAPHS:
             raise InputError(f"{self.name}: unknown graph {graph!r}; valid graphs: {', '.join(GRAPHS)}")
         if selection not in SELECTIONS:
             raise InputError(f"{self.name}: unknown selection {selection!r}; valid selections: "
                              f"{', '.join(SELECTIONS)}")
+        if map not in MAPS:
+            raise InputError(f"{self.name}: unknown map {map!r}; valid: {', '.join(MAPS)}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"{self.name}: k (semantic neighbours) must be an integer >= 1, got {k!r}")
         for option, value in (("alpha", alpha), ("sparsity", sparsity)):
@@ -224,6 +238,7 @@ class GTP(Method):
             raise InputTypeError(f"{self.name}: seed must be an integer, got {seed!r}")
         self.r, self.graph, self.k, self.alpha = r, graph, k, float(alpha)
         self.selection, self.token_scale, self.sparsity, self.seed = selection, token_scale, float(sparsity), seed
+        self.map = map
 
     # --- schedule -------------------------------------------------------------------------------
     def amounts(self, depth: int) -> list[int]:
@@ -241,8 +256,9 @@ class GTP(Method):
     def needs(self, block: int, plan: Plan) -> frozenset[str]:
         if not plan.reduces(block):
             return frozenset()
-        if self.selection in _FULL_MAP_SELECTIONS:
-            return frozenset({"attn"})
+        if self.selection in _MAP_STATISTICS:
+            # A sparsified map exists whole anyway (its threshold is over all N^2 entries).
+            return frozenset({"attn"}) if self.map == "full" or self.sparsity < 1.0 else _MAP_STATISTICS[self.selection]
         return frozenset({"cls_attn"}) if self.selection == "cls_attn" else frozenset()
 
     def prop_attn(self, block: int) -> bool:
@@ -344,4 +360,5 @@ class GTP(Method):
             "token_scale": self.token_scale,
             "sparsity": self.sparsity,
             "seed": self.seed,
+            "map": self.map,
         }
