@@ -294,16 +294,26 @@ def test_overhead_is_the_score_row_and_the_similarity():
     for blk in model.blocks:
         blk.attn.fused_attn = False
 
-    def counted_macs(threshold: float) -> float:
+    batch = images(8)
+
+    def counted_macs(threshold: float, x: torch.Tensor = batch) -> float:
         tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=threshold)
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            model(images(1))
-        return counter.get_total_flops() / 2
+            model(x)
+        return counter.get_total_flops() / 2 / len(x)
 
-    # Same token counts; only the bipartite similarity (blocks entered by 37 and 31 tokens) differs.
+    # Same token counts; only the bipartite similarity (blocks entered by 37 and 31 tokens) differs. A batch
+    # whose images take both branches runs both (the analytic cost); on CPU a batch whose images all agree
+    # runs only its own branch (here one image at the threshold that mixes the batch of 8).
     similarity = (19 * 18 + 16 * 15) * 32
-    assert counted_macs(5e-6) - counted_macs(0.0) == similarity
+    mixed, pools = mixed_threshold(model, batch)
+    shares = tr.diagnostics(tr.patch(model, "ppt", r=R, layers=LAYERS, threshold=mixed), batch)["pooled_share"]
+    assert 0 < shares[LAYERS[0]] < 1 and shares[LAYERS[1]] in (0.0, 1.0)  # both branches, then one
+    assert counted_macs(mixed) - counted_macs(0.0) == 19 * 18 * 32 + (shares[LAYERS[1]] == 1.0) * 16 * 15 * 32
+    first = batch[:1]
+    one_branch = counted_macs(math.inf if pools[0] else 0.0, first)
+    assert counted_macs(mixed, first) == one_branch
     score_rows = (37 + 31) * 96  # q_cls . K^T beside the fused attention
     expected = {5e-6: score_rows + similarity, 0.0: score_rows, math.inf: similarity}
     for threshold, macs in expected.items():

@@ -32,6 +32,8 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     [[[4.0, 5.0], [0.0, 1.0]]]
     """
     batch, num_tokens, channels = t.shape
+    if batch == 1:  # one image (latency): no row offsets, two ops instead of six
+        return t.index_select(1, index[0])
     offsets = torch.arange(0, batch * num_tokens, num_tokens, device=index.device).unsqueeze(1)
     rows = t.reshape(batch * num_tokens, channels).index_select(0, (index + offsets).flatten())
     return rows.view(batch, index.shape[1], channels)
@@ -97,8 +99,10 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     # Prefix tokens sit at the front: A holds ceil(num_prefix / 2) of them, B floor(num_prefix / 2).
-    scores[:, : (num_prefix + 1) // 2, :] = -torch.inf
-    scores[:, :, : num_prefix // 2] = -torch.inf
+    if num_prefix:
+        scores[:, : (num_prefix + 1) // 2, :] = -torch.inf
+    if num_prefix > 1:
+        scores[:, :, : num_prefix // 2] = -torch.inf
     best_score, best_dst = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     src = order[:, :r]
@@ -214,7 +218,8 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     new_size = merge(size, m)
     new_x = merge(state.x * size, m) / new_size
     owner = None if state.owner is None else remap_owner(state.owner, merge_destination(m))
-    return state.replace(x=new_x.to(state.x.dtype), size=new_size, owner=owner)
+    return state.replace(x=new_x if new_x.dtype == state.x.dtype else new_x.to(state.x.dtype), size=new_size,
+                         owner=owner)
 
 
 def restore(state: TokenState) -> torch.Tensor:

@@ -41,6 +41,13 @@ def importance_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.
     return weighted / weighted.sum(dim=-1, keepdim=True)
 
 
+def prune_lowest(state: TokenState, scores: torch.Tensor, amount: int) -> TokenState:
+    """PPT's pruning branch: keep the image tokens with the ``M - amount`` highest ``scores`` (``B x M``), stored
+    after the prefix tokens in descending score order, with their sizes."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)[:, : scores.shape[1] - amount]
+    return keep_tokens(state, order + state.num_prefix)
+
+
 def with_policy(state: TokenState, block: int, pooled: torch.Tensor) -> TokenState:
     """``state`` with block ``block``'s per-image policy (``B`` bool, True = pooled) in its extras."""
     return state.replace(extras={**state.extras, f"{POLICY_KEY}{block}": pooled.detach()})
@@ -142,23 +149,28 @@ class PPT(Method):
         return self.use_prop_attn
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
-        num_prefix = state.num_prefix
+        num_prefix, batch = state.num_prefix, state.x.shape[0]
         # Sizes start at 1 here; both branches must carry a real size tensor to be selected per image.
         state = state.replace(size=state.sizes())
-        # A threshold of 0 or inf fixes the policy without looking at the data (a variance is never
-        # negative): compute only that branch. Otherwise the policy is per image and known only on the
-        # device, so both branches run for the whole batch and torch.where picks, without a host sync.
-        batch = state.x.shape[0]
+        # A threshold of 0 or inf fixes the policy without looking at the data (a variance is never negative).
         if self.threshold == math.inf:
-            pooled = bipartite_merge(state, stats["metric"], amount)
-            return with_policy(pooled, block, torch.ones(batch, dtype=torch.bool, device=state.x.device))
+            return with_policy(bipartite_merge(state, stats["metric"], amount), block,
+                               torch.ones(batch, dtype=torch.bool, device=state.x.device))
         scores = importance_scores(stats, num_prefix)
-        order = scores.argsort(dim=-1, descending=True, stable=True)[:, : scores.shape[1] - amount]
-        pruned = keep_tokens(state, order + num_prefix)  # survivors in descending score order
         if self.threshold == 0.0:
-            return with_policy(pruned, block, torch.zeros(batch, dtype=torch.bool, device=state.x.device))
-
+            return with_policy(prune_lowest(state, scores, amount), block,
+                               torch.zeros(batch, dtype=torch.bool, device=state.x.device))
         pool = scores.var(dim=-1) < self.threshold  # B; unbiased variance
+        if pool.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            # On CPU the policy is read for free (no device to wait for): when every image of the batch agrees,
+            # only its branch runs (batch 1 always). Compiled, traced or on an accelerator, both branches run for
+            # the whole batch and torch.where picks per image, without a host sync.
+            pooling = int(pool.sum())
+            if pooling in (0, batch):
+                chosen = bipartite_merge(state, stats["metric"], amount) if pooling else \
+                    prune_lowest(state, scores, amount)
+                return with_policy(chosen, block, pool)
+        pruned = prune_lowest(state, scores, amount)
         pooled = bipartite_merge(state, stats["metric"], amount)
 
         def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
