@@ -1,0 +1,234 @@
+"""Video: the transformers video ViTs (adapters/hf_video.py: VideoMAE, ViViT) under the engine's promises, the
+space-time token grid and GTP's space-time graph (checked by hand on a 2 x 3 x 3 grid), the refusals (TimeSformer,
+clips of the wrong frame count), and STViT on Video Swin (shapes, gradients, FLOPs)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenreduce as tr
+from tokenreduce.core.errors import InputError, InputTypeError
+from tokenreduce.methods.gtp import build_graph, spatial_adjacency, spatial_graph
+
+SMALL = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96, image_size=32,
+             num_frames=4, num_labels=5)
+CONFIGS = {"VideoMAE": dict(patch_size=8, tubelet_size=2), "Vivit": dict(tubelet_size=[2, 8, 8])}
+CASES = ["VideoMAEModel", "VideoMAEForVideoClassification", "VivitModel", "VivitForVideoClassification"]
+REDUCING = {"tome": dict(r=4), "topk": dict(keep_rate=0.7, layers=(1, 2)), "evit": dict(keep_rate=0.7, layers=(1, 2)),
+            "gtp": dict(r=4), "ppt": dict(r=4, layers=(1, 2), threshold=2e-6)}
+NO_OP = {"tome": dict(r=0), "topk": dict(keep_rate=1.0, layers=(1, 2)), "evit": dict(keep_rate=1.0, layers=(1, 2)),
+         "gtp": dict(r=0), "ppt": dict(r=0, layers=(1, 2))}
+METHODS = sorted(REDUCING)
+GRID = (2, 4, 4)  # 4 frames / 2-frame tubelets, 32 px / 8 px patches
+
+_BUILT: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def make(case: str, impl: str = "eager") -> torch.nn.Module:
+    """A small, seeded, eval-mode video model (a deep copy of one built once)."""
+    if (case, impl) not in _BUILT:
+        family = "VideoMAE" if case.startswith("VideoMAE") else "Vivit"
+        config = getattr(transformers, f"{family}Config")(**SMALL, **CONFIGS[family])
+        config._attn_implementation = impl
+        torch.manual_seed(0)
+        model = getattr(transformers, case)(config).eval()
+        with torch.no_grad():  # spread the CLS and position embeddings so that tokens differ and reductions matter
+            for name, p in model.named_parameters():
+                if name.endswith(("cls_token", "position_embeddings")):
+                    p.normal_(0, 0.5)
+        _BUILT[case, impl] = model
+    return copy.deepcopy(_BUILT[case, impl])
+
+
+def clips(batch: int = 2, frames: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def main(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def counted_gmacs(model, x) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    return request.param
+
+
+# --- the engine's promises on each video family ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_nothing_to_remove_equals_unpatched_and_unpatch_restores(case, impl):
+    model = make(case, impl)
+    x = clips()
+    with torch.no_grad():
+        expected = model(x, output_hidden_states=True)
+        for method in METHODS:
+            tr.patch(model, method, **NO_OP[method])
+            got = model(x, output_hidden_states=True)
+            torch.testing.assert_close(main(got), main(expected), atol=1e-5, rtol=0, msg=method)
+            for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            tr.patch(model, method, **REDUCING[method])
+            assert not torch.allclose(main(model(x)), main(expected), atol=1e-4), method
+        tr.unpatch(model)
+        assert type(model) is getattr(transformers, case)
+        assert torch.equal(main(model(x)), main(expected))
+
+
+def test_token_counts_grid_and_prefix_as_described(case):
+    model = make(case)
+    prefix = 0 if case.startswith("VideoMAE") else 1
+    for method in METHODS:
+        tr.patch(model, method, **REDUCING[method])
+        described = tr.describe(model)
+        assert described["grid"] == list(GRID) and described["num_prefix"] == prefix
+        states = tr.trace(model, clips())
+        assert [s.x.shape[1] for s in states] == described["tokens_out"], method
+        assert all(s.grid == GRID for s in states)
+        last = states[-1]
+        # Per frame: every tubelet of every time step has an owner (-1 once it left) among the image tokens.
+        owner = last.owner.view(2, *GRID)
+        assert bool(((owner == -1) | (owner >= prefix)).all())
+        assert tuple(tr.restore(last).shape) == (2, prefix + 32, 48)
+        if method == "tome":  # merges conserve the total size: every tubelet is carried by one token
+            assert torch.equal(last.sizes()[:, prefix:].sum(dim=(1, 2)), torch.full((2,), 32.0))
+
+
+def test_batch_independence(case):
+    model = make(case)
+    x = clips(batch=4)
+    with torch.no_grad():
+        for method in METHODS:
+            tr.patch(model, method, **REDUCING[method])
+            torch.testing.assert_close(main(model(x))[1:2], main(model(x[1:2])), atol=1e-5, rtol=0, msg=method)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("tome", dict(r=[6, 0, 2, 5])), ("topk", dict(keep_rate=0.5, layers=(0, 2))),
+    ("evit", dict(keep_rate=0.7, layers=(1, 2, 3))), ("gtp", dict(r=3, sparsity=0.8)),
+    ("ppt", dict(r=5, layers=(0, 3), threshold=0.0)),
+])
+def test_analytic_flops_match_flop_counter(case, method, options):
+    model = make(case)
+    assert tr.flops(model).gmacs == pytest.approx(counted_gmacs(model, clips(batch=1)), rel=0.01)
+    tr.patch(model, method, **options)
+    assert tr.flops(model).total_gmacs == pytest.approx(counted_gmacs(model, clips(batch=1)), rel=0.01)
+
+
+def test_classifier_pools_the_restored_grid_size_weighted():
+    """VideoMAE's mean-pooling head on a merged model is the size-weighted mean of the reduced tokens, i.e. the
+    mean of the restored grid: ``forward == head(pool(features))``."""
+    model = tr.patch(make("VideoMAEForVideoClassification"), "tome", r=4)
+    x = clips()
+    with torch.no_grad():
+        logits = model(x).logits
+        state = tr.trace(model, x)[-1]
+        weighted = (state.x * state.sizes()).sum(dim=1) / state.sizes().sum(dim=1)
+        torch.testing.assert_close(logits, model.classifier(model.fc_norm(weighted)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, model.classifier(model.fc_norm(tr.restore(state).mean(dim=1))),
+                                   atol=1e-5, rtol=0)
+
+
+def test_train_mode_gradients_and_labels():
+    for case in ("VideoMAEForVideoClassification", "VivitForVideoClassification"):
+        model = make(case).train()
+        for method in METHODS:
+            model.zero_grad(set_to_none=True)
+            tr.patch(model, method, **REDUCING[method])
+            out = model(clips(), labels=torch.tensor([0, 3]))
+            out.loss.backward()
+            grads = [p.grad for p in model.parameters()]
+            assert out.loss.ndim == 0 and sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > 20
+
+
+def test_patched_model_pickles_deep_copies_and_saves(tmp_path):
+    model = tr.patch(make("VideoMAEForVideoClassification"), "gtp", r=4)
+    x = clips()
+    with torch.no_grad():
+        expected = model(x).logits
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert tr.describe(clone)["method"] == "gtp"
+            assert torch.equal(clone(x).logits, expected)
+        model.save_pretrained(tmp_path)
+        loaded = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path).eval()
+        assert type(loaded) is transformers.VideoMAEForVideoClassification
+        assert torch.equal(tr.patch(loaded, "gtp", r=4)(x).logits, expected)
+
+
+# --- bad input and refused models -----------------------------------------------------------------------------
+
+
+def test_a_clip_of_the_wrong_frame_count_is_a_clear_error(case):
+    model = tr.patch(make(case), "tome", r=2)
+    with pytest.raises(InputError, match=r"takes clips of 4 frames .* got a clip of 6 frames"):
+        model(clips(frames=6))
+    with pytest.raises(InputTypeError, match=r"B x T x C x H x W .* \(2, 3, 32, 32\)"):
+        model(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(InputError, match="bool_masked_pos|not supported"):
+        model(clips(), bool_masked_pos=torch.zeros(2, 32, dtype=torch.bool))
+    with pytest.raises(InputError, match="output_attentions"):
+        model(clips(), output_attentions=True)
+
+
+def test_timesformer_is_refused_with_the_reason():
+    config = transformers.TimesformerConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                                            intermediate_size=96, image_size=32, patch_size=8, num_frames=4)
+    model = transformers.TimesformerModel(config)
+    with pytest.raises(InputTypeError, match="divided space-time attention.*frame alignment"):
+        tr.patch(model, "tome", r=2)
+    assert type(model) is transformers.TimesformerModel
+
+
+# --- the space-time graph -------------------------------------------------------------------------------------
+
+
+def test_space_time_graph_by_hand_on_2x3x3():
+    """26-neighbourhood on t=2, h=3, w=3. Worked on paper: a cell's neighbours are the cells of the 2 x a x b box
+    around it (both time steps), minus itself, where a, b = 2 at a border row/column and 3 inside. Corner cells:
+    2*2*2 - 1 = 7; edge cells: 2*2*3 - 1 = 11; the centre: 2*3*3 - 1 = 17. Per frame 4*7 + 4*11 + 17 = 89 edges
+    ends, 178 in all."""
+    adjacency = spatial_adjacency((2, 3, 3))
+    assert adjacency.shape == (18, 18) and not bool(adjacency.diagonal().any())
+    assert torch.equal(adjacency, adjacency.T)
+    frame_degrees = [7, 11, 7, 11, 17, 11, 7, 11, 7]
+    assert adjacency.sum(dim=1).tolist() == frame_degrees * 2
+    assert int(adjacency.sum()) == 178
+    # Cell (t=0, 0, 0) = index 0 touches (0,0,1), (0,1,0), (0,1,1) and the same three plus itself at t=1.
+    assert adjacency[0].nonzero().flatten().tolist() == [1, 3, 4, 9, 10, 12, 13]
+    # The centre of frame 0 (index 4) touches every other cell of both frames.
+    assert adjacency[4].nonzero().flatten().tolist() == [i for i in range(18) if i != 4]
+    # Normalisation unchanged: G_ij = 1 / sqrt(d_i d_j) on the edges; corner 0 - centre 4: 1 / sqrt(7 * 17).
+    graph = spatial_graph((2, 3, 3))
+    assert graph[0, 4].item() == pytest.approx(1 / (7 * 17) ** 0.5, rel=1e-6)
+    assert graph[0, 2].item() == 0.0  # (0,0,0) and (0,0,2): Chebyshev distance 2
+    assert graph[0, 13].item() == pytest.approx(1 / (7 * 17) ** 0.5, rel=1e-6)  # the centre of frame 1
+    tokens = torch.randn(2, 18, 8)
+    assert torch.equal(build_graph(tokens, (2, 3, 3), "spatial"), graph.expand(2, -1, -1))
+    assert bool((build_graph(tokens, (2, 3, 3), "mixed", k=3) >= 0).all())
+    with pytest.raises(InputError, match=r"grid \(2, 3, 3\) has 18 cells but there are 17"):
+        build_graph(tokens[:, :17], (2, 3, 3))
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (14, 14), (1, 5), (7, 3)])
+def test_2d_spatial_graph_is_bit_identical_to_the_8_neighbourhood(grid):
+    h, w = grid
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    expected = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs()) == 1
+    assert torch.equal(spatial_adjacency(grid), expected)
+    a = expected.float()
+    inv = a.sum(dim=-1).clamp(min=1).rsqrt()
+    assert torch.equal(spatial_graph(grid), a * inv.unsqueeze(-1) * inv.unsqueeze(-2))
