@@ -232,3 +232,81 @@ def test_2d_spatial_graph_is_bit_identical_to_the_8_neighbourhood(grid):
     a = expected.float()
     inv = a.sum(dim=-1).clamp(min=1).rsqrt()
     assert torch.equal(spatial_graph(grid), a * inv.unsqueeze(-1) * inv.unsqueeze(-2))
+
+
+# --- STViT on Video Swin --------------------------------------------------------------------------------------
+
+
+def small_video_swin(num_classes: int = 7) -> torch.nn.Module:
+    """torchvision's Video Swin structure (tubelets 2 x 4 x 4, windows 8 x 7 x 7) at a small width and depth."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    return SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=24, depths=[1, 1, 6, 1], num_heads=[1, 2, 4, 8],
+                             window_size=[8, 7, 7], num_classes=num_classes, stochastic_depth_prob=0.0).eval()
+
+
+def counted_macs_unfused(model, x) -> float:
+    for module in model.modules():  # FlopCounterMode does not see the fused CPU attention kernel
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return counted_gmacs(model, x)
+
+
+def test_video_swin_and_stvit_flops_at_32_frames_224_px():
+    from torchvision.models.video import swin3d_s, swin3d_t
+
+    from tokenreduce.stvit.video_swin import build_video_swin, video_swin_flops
+
+    with torch.device("meta"):
+        tiny, small = swin3d_t(), swin3d_s()
+        reports = {name: (video_swin_flops(m).gmacs, build_video_swin(m).tokenreduce_flops())
+                   for name, m in (("T", tiny), ("S", small))}
+    # Video Swin's own figures at 32 x 224: 88 and 166 GFLOPs (i.e. GMACs).
+    assert reports["T"][0] == pytest.approx(87.76, abs=0.01) and reports["S"][0] == pytest.approx(165.68, abs=0.01)
+    for base, stvit in reports.values():
+        assert stvit.baseline_gmacs == pytest.approx(base, rel=1e-12)
+    assert reports["T"][1].total_gmacs == pytest.approx(70.74, abs=0.01)  # -19.4% with the image-Swin placement
+    assert reports["S"][1].total_gmacs == pytest.approx(127.34, abs=0.01)  # -23.1%
+
+
+def test_stvit_video_swin_shapes_gradients_and_flops_on_a_small_clip():
+    from tokenreduce import stvit
+    from tokenreduce.stvit.video_swin import STViTVideoSwin, video_swin_flops
+
+    host = small_video_swin()
+    model = stvit.build(host, tokens_per_window=9, full_blocks=2)
+    assert isinstance(model, STViTVideoSwin) and len(model.semantic.semantic_blocks) == 2
+    x = torch.randn(2, 3, 16, 112, 112)  # 8 time steps; stage 3 on 8 x 7 x 7, one 8 x 7 x 7 window
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert tuple(features.shape) == (2, 8, 2, 2, 192)  # 8 x 3 x 3 semantic grid, merged to 8 x 2 x 2
+        assert tuple(model(x).shape) == (2, 7)
+        assert tuple(host(x).shape) == (2, 7)  # the host is not changed
+    # Analytic cost within 1% of FlopCounterMode, for the build and the host, on the same clip.
+    report = model.tokenreduce_flops(112, frames=16)
+    assert report.total_gmacs == pytest.approx(counted_macs_unfused(model, x[:1]), rel=0.01)
+    assert video_swin_flops(host, (16, 112, 112)).gmacs == pytest.approx(counted_gmacs(host, x[:1]), rel=0.01)
+    assert report.baseline_gmacs == pytest.approx(video_swin_flops(host, (16, 112, 112)).gmacs, rel=1e-9)
+    # Trainable: every new part and the kept host layers get gradients.
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 5])).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    # The learned scorer's last conv starts at zero (average pooling before training), so the convs before it
+    # get no gradient on the first step; everything else does.
+    assert missing == [f"semantic.pool.scorer.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")], missing
+    for name in ("semantic.global_centres", "semantic.generation.0.attn.q.weight", "semantic.pool.scorer.3.weight",
+                 "semantic.semantic_blocks.1.qkv.weight", "swin.patch_embed.proj.weight", "swin.head.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_stvit_video_swin_refuses_clips_its_windows_cannot_tile():
+    from tokenreduce.stvit import build_video_swin
+
+    model = build_video_swin(small_video_swin(), full_blocks=2)
+    with pytest.raises(InputError, match=r"stage 3 has 12 time steps, which 8-step windows do not tile"):
+        model(torch.randn(1, 3, 24, 112, 112))
+    with pytest.raises(InputTypeError, match="B x C x T x H x W"):
+        model(torch.randn(1, 3, 112, 112))
+    with pytest.raises(InputError, match=r"full_blocks=5 must be an integer in \[0, 4\]"):
+        build_video_swin(small_video_swin(), full_blocks=5)
