@@ -310,3 +310,36 @@ def test_stvit_video_swin_refuses_clips_its_windows_cannot_tile():
         model(torch.randn(1, 3, 112, 112))
     with pytest.raises(InputError, match=r"full_blocks=5 must be an integer in \[0, 4\]"):
         build_video_swin(small_video_swin(), full_blocks=5)
+
+
+def test_stvit_video_swin_learns_a_fixed_batch():
+    from tokenreduce.stvit import build_video_swin
+
+    torch.manual_seed(0)
+    model = build_video_swin(small_video_swin(num_classes=3), full_blocks=2, pooling="avg").train()
+    x, y = torch.randn(2, 3, 16, 112, 112), torch.tensor([0, 2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_clip_pictures_colour_a_token_the_same_in_every_frame():
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from tokenreduce.measure.viz import render_clip_tokens
+
+    # 2 time steps of 2 x 2 tubelets: token 0 carries tubelet (0,0,0) and (1,0,0); tubelet (1,1,1) is pruned.
+    owner = torch.tensor([0, 1, 2, 3, 0, 4, 5, -1])
+    frames = np.full((2, 8, 8, 3), 0.5)
+    pictures, counts = render_clip_tokens(frames, owner, (2, 2, 2))
+    assert counts == {"tokens": 6, "kept": 5, "groups": 1, "grouped_patches": 2, "pruned": 1}
+    assert np.array_equal(pictures[0][1, 1], pictures[1][1, 1])  # the shared token's colour in both frames
+    assert not np.allclose(pictures[0][1, 1], 0.5)
+    assert pictures[1][6, 6].sum() < pictures[0][6, 6].sum()  # the pruned tubelet is darkened
