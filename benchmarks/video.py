@@ -215,6 +215,21 @@ def video_swin(clip: tuple[int, int, int], speed: bool, rounds: int, warmup: int
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
         out["check"] = {"host": counted_gmacs(host, x) / base, "stvit": counted_gmacs(unfused, x) / report.total_gmacs}
+    if not tiny:  # where the -27% of the paper's Table 6 lies: every placement, on meta tensors (cost only)
+        from torchvision.models.video import swin3d_s
+
+        out["sweep"] = []
+        with torch.device("meta"):
+            for name, make in (("swin3d_t", swin3d_t), ("swin3d_s", swin3d_s)):
+                meta = make()
+                meta_base = video_swin_flops(meta, clip).gmacs
+                for full_blocks in range(len(meta.features[4]) - 1):
+                    for tokens in (4, 9, 16):
+                        built = build_video_swin(meta, tokens_per_window=tokens, full_blocks=full_blocks)
+                        total = built.tokenreduce_flops(clip[1:], frames=clip[0]).total_gmacs
+                        out["sweep"].append({"model": name, "full_blocks": full_blocks, "tokens_per_window": tokens,
+                                             "gmacs": total, "baseline_gmacs": meta_base,
+                                             "saving": 1 - total / meta_base})
     if speed:
         x = torch.randn(1, 3, *clip)
         timings = interleaved({"video swin-t": host, "stvit": model}, x, rounds, warmup)

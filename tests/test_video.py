@@ -343,3 +343,17 @@ def test_clip_pictures_colour_a_token_the_same_in_every_frame():
     assert np.array_equal(pictures[0][1, 1], pictures[1][1, 1])  # the shared token's colour in both frames
     assert not np.allclose(pictures[0][1, 1], 0.5)
     assert pictures[1][6, 6].sum() < pictures[0][6, 6].sum()  # the pruned tubelet is darkened
+
+
+def test_bfloat16_autocast_runs_reduced_and_matches_at_r0():
+    model = make("VideoMAEForVideoClassification")
+    x = clips()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x).logits
+        for method in METHODS:
+            tr.patch(model, method, **NO_OP[method])
+            nothing = model(x).logits
+            tr.patch(model, method, **REDUCING[method])
+            reduced = model(x).logits
+            assert bool(torch.isfinite(reduced).all()), method
+            torch.testing.assert_close(nothing.float(), expected.float(), atol=0.05, rtol=0.02)
