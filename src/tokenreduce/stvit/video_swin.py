@@ -50,7 +50,7 @@ from ..core.cost import (
 )
 from ..core.errors import InputError, InputTypeError
 from .model import GenerationLayer, on_model_device
-from .pooling import TokenPooling, check_pooling, check_square, window_regions
+from .pooling import TokenPooling, cached_index, check_pooling, check_square, window_regions
 from .swin import key_windows
 
 SEMANTIC_STAGE = 4  # index of Video Swin's third stage in ``model.features`` (stage, merge, stage, merge, stage..)
@@ -150,6 +150,11 @@ class VideoWindowSemantic(nn.Module):
     def num_windows(self, grid: tuple[int, int]) -> tuple[int, int]:
         return math.ceil(grid[0] / self.window[1]), math.ceil(grid[1] / self.window[2])
 
+    def keys(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Every spatial window's enlarged key window (flat indices in a frame), built once per grid and device."""
+        window, size = self.window[1:], self.key_window
+        return cached_index(("key windows", grid, window, size), device, lambda: (key_windows(grid, window, size),))[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, frames, height, width, dim = x.shape
         wt, side2 = self.time_window(frames), self.side * self.side
@@ -160,7 +165,7 @@ class VideoWindowSemantic(nn.Module):
         pooled = self.pool(tokens, (height, width))  # (B*t) x (spatial * k*k) x C, window-major per frame
         # Window-major order over the clip: (time block, spatial window, frame in block, k*k).
         pooled = pooled.reshape(batch, blocks_t, wt, spatial, side2, dim).transpose(2, 3)
-        keys = key_windows((height, width), self.window[1:], self.key_window).to(x.device)  # spatial x K
+        keys = self.keys((height, width), x.device)  # spatial windows x K
         context = tokens.reshape(batch, blocks_t, wt, height * width, dim)[:, :, :, keys]  # B, tb, wt, sp, K, C
         context = context.transpose(2, 3).reshape(batch * blocks_t * spatial, wt * keys.shape[1], dim)
         semantic = self.generation[0](pooled.reshape(batch * blocks_t * spatial, wt * side2, dim), context)
