@@ -357,3 +357,21 @@ def test_bfloat16_autocast_runs_reduced_and_matches_at_r0():
             reduced = model(x).logits
             assert bool(torch.isfinite(reduced).all()), method
             torch.testing.assert_close(nothing.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tr.patch(make("VivitForVideoClassification").train(), "tome", r=4)
+    x = clips()
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(x).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.vivit.layers)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
