@@ -5,6 +5,7 @@ clips of the wrong frame count), and STViT on Video Swin (shapes, gradients, FLO
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -375,3 +376,39 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_tokenreduce_train_fine_tunes_stvit_video_swin_on_a_clip_folder(tmp_path):
+    import json
+
+    from tokenreduce.cli import main as cli_main
+    from tokenreduce.train import clip_folder
+
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(("red", "blue")):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        for i in range(4):
+            clip = torch.randn(3, 8, 64, 64, generator=generator) * 0.5
+            clip[2 * label] += 1.0  # channel 0 bright for class 0, channel 2 for class 1
+            torch.save(clip, tmp_path / "clips" / name / f"{i}.pt")
+    assert len(clip_folder(str(tmp_path / "clips"))) == 8
+    out = tmp_path / "run"
+    code = cli_main(["train", "--model", "swin3d_t", "--stvit", "--clips", "--data", str(tmp_path / "clips"),
+                     "--val-data", str(tmp_path / "clips"), "--out", str(out), "--epochs", "2", "--batch-size", "4",
+                     "--lr", "1e-3", "--warmup-epochs", "0", "--workers", "0", "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["steps"] == 4 and result["train_images"] == 8 and result["val"]["images"] == 8
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+    with pytest.raises(InputError, match="video model: train it on clips"):
+        _build(["train", "--model", "swin3d_t", "--data", str(tmp_path / "clips"), "--out", str(out)])
+    with pytest.raises(InputError, match="--clips trains a video model"):
+        _build(["train", "--model", "deit_tiny_patch16_224", "--clips", "--data", str(tmp_path / "clips"),
+                "--out", str(out)])
+
+
+def _build(argv: list[str]):
+    from tokenreduce.cli import build_parser
+    from tokenreduce.commands.train import build_model
+
+    return build_model(build_parser().parse_args(argv))
