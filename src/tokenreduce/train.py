@@ -1,4 +1,5 @@
-"""Fine-tuning on an ImageFolder tree: one process, or many under ``torchrun`` (DistributedDataParallel).
+"""Fine-tuning on an ImageFolder tree (or a folder of clips, ``clips=True``): one process, or many under
+``torchrun`` (DistributedDataParallel).
 
 AdamW, cosine schedule with linear warm-up (timm's ``CosineLRScheduler``, stepped per update), label
 smoothing, optional Mixup/CutMix (timm ``Mixup``) and RandAugment (timm ``create_transform``), optional
@@ -16,6 +17,7 @@ batch b follow one process with batch N*b (same global batches, gradients averag
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -57,7 +59,10 @@ class TrainConfig:
     an STViT head that now reads averaged semantic tokens instead of the CLS token, needs to move further).
     ``transform``: "model" (timm's data config of the model, with RandAugment when ``randaug``) or
     "resize<N>", e.g. "resize224" (the benchmark classifier's: resize to N x N bicubic, ImageNet mean/std,
-    random flip when training). ``checkpoint_dir`` defaults to ``out``.
+    random flip when training). ``checkpoint_dir`` defaults to ``out``. ``clips``: ``data`` and ``val_data`` are
+    clip folders (:func:`clip_folder`: one folder per class of ``.pt`` clips ``C x T x H x W``, already
+    normalised, as torchvision's video models take them), flipped horizontally with probability ``hflip`` when
+    training; for video models such as Video Swin and its STViT build.
     """
 
     data: str
@@ -87,6 +92,7 @@ class TrainConfig:
     val_per_class: int | None = None
     grad_clip: float | None = None
     head_lr_scale: float = 1.0
+    clips: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +125,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Callable:
+    if config.clips:
+        return _clip_flip(config.hflip if training else 0.0)
     resize = re.fullmatch(r"resize(\d+)", config.transform)
     if resize:
         size = int(resize.group(1))
@@ -153,10 +161,33 @@ def per_class_subset(dataset: datasets.ImageFolder, per_class: int) -> Subset:
     return Subset(dataset, keep)
 
 
-def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
+def _image_folder(root: str, transform: Callable, clips: bool = False) -> datasets.DatasetFolder:
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data directory {root!r} does not exist")
-    return datasets.ImageFolder(root, transform=transform)
+    return clip_folder(root, transform) if clips else datasets.ImageFolder(root, transform=transform)
+
+
+def _load_clip(path: str) -> torch.Tensor:
+    clip = torch.load(path, weights_only=True)
+    if not torch.is_tensor(clip) or clip.ndim != 4 or not clip.is_floating_point():
+        shape = tuple(clip.shape) if torch.is_tensor(clip) else type(clip).__name__
+        raise InputError(f"{path}: a clip must be a float tensor C x T x H x W, got {shape}")
+    return clip
+
+
+def clip_folder(root: str, transform: Callable | None = None) -> datasets.DatasetFolder:
+    """A folder of clips: one sub-folder per class of ``.pt`` files, each a float tensor ``C x T x H x W``
+    (``torch.save``; read with ``weights_only=True``), already normalised; labels as ``ImageFolder`` gives them."""
+    return datasets.DatasetFolder(root, loader=_load_clip, extensions=(".pt",), transform=transform)
+
+
+def _flip_clip(clip: torch.Tensor, probability: float) -> torch.Tensor:
+    return clip.flip(-1) if probability > 0 and random.random() < probability else clip
+
+
+def _clip_flip(probability: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Flip a whole clip horizontally (every frame alike) with ``probability`` (picklable for data workers)."""
+    return functools.partial(_flip_clip, probability=probability)
 
 
 # ----------------------------------------------------------------------------------------- weights
@@ -229,11 +260,14 @@ def freeze_first_blocks(model: nn.Module, count: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: str, per_class: int | None = None, batch_size: int = 64,
-             transform: Callable | str = "model", progress: bool = True, bf16: bool = False) -> dict:
-    """Top-1 of ``model`` on an ImageFolder tree (optionally the first ``per_class`` images of each class)."""
+             transform: Callable | str = "model", progress: bool = True, bf16: bool = False,
+             clips: bool = False) -> dict:
+    """Top-1 of ``model`` on an ImageFolder tree, or a clip folder with ``clips`` (optionally the first
+    ``per_class`` images or clips of each class)."""
     if isinstance(transform, str):
-        transform = _data_transform(model, TrainConfig(data=data, out="", transform=transform), training=False)
-    dataset = _image_folder(data, transform)
+        transform = _data_transform(model, TrainConfig(data=data, out="", transform=transform, clips=clips),
+                                    training=False)
+    dataset = _image_folder(data, transform, clips)
     if per_class is not None:
         dataset = per_class_subset(dataset, per_class)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -286,7 +320,9 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     if not trainable:
         raise InputError("nothing to train: every parameter is frozen")
 
-    dataset = _image_folder(config.data, _data_transform(model, config, training=True))
+    if config.clips and config.cutmix > 0:
+        raise InputError("cutmix cuts boxes out of images (the last two dimensions); it is not defined for clips")
+    dataset = _image_folder(config.data, _data_transform(model, config, training=True), config.clips)
     if config.subset is not None and config.subset < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
         dataset = Subset(dataset, sorted(order[:config.subset].tolist()))
@@ -411,7 +447,8 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     if config.val_data and is_main and not stopped:
         final = ema.module if ema is not None else unwrap(model)
         result["val"] = evaluate(final, config.val_data, config.val_per_class, config.batch_size,
-                                 _data_transform(model, config, training=False), config.progress, config.bf16)
+                                 _data_transform(model, config, training=False), config.progress, config.bf16,
+                                 config.clips)
         result["val"].pop("predictions")
     if is_main:
         (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -1,7 +1,9 @@
-"""``tokenreduce train``: fine-tune a timm ViT, a ``tr.patch``-ed one, or an STViT model on an ImageFolder tree.
+"""``tokenreduce train``: fine-tune a timm ViT, a ``tr.patch``-ed one, or an STViT model on an ImageFolder tree;
+or a torchvision Video Swin (``swin3d_t``/``_s``/``_b``), plain or STViT, on a folder of clips (``--clips``).
 
     tokenreduce train --model deit_small_patch16_224 --stvit --data train/ --epochs 10 --out runs/stvit
     torchrun --nproc_per_node 8 -m tokenreduce.cli train --model deit_small_patch16_224 --stvit ...
+    tokenreduce train --model swin3d_t --stvit --clips --data clips/ --epochs 10 --out runs/stvit-video
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (timm drop_path_rate)")
     model.add_argument("--stvit", action="store_true", help="turn the model into STViT (tokenreduce.stvit.build)")
     model.add_argument("--num-semantic", type=int, default=16)
+    model.add_argument("--tokens-per-window", type=int, default=9, help="STViT on Video Swin: per frame window")
     model.add_argument("--full-blocks", type=int, default=4)
     model.add_argument("--generation-layers", type=int, default=2)
     model.add_argument("--pooling", default="learned", choices=("avg", "max", "learned"))
@@ -43,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("training")
     run.add_argument("--data", required=True, help="ImageFolder training tree")
     run.add_argument("--val-data", default=None, help="ImageFolder tree evaluated after training")
+    run.add_argument("--clips", action="store_true", help="--data/--val-data are clip folders (class folders of "
+                     ".pt clips C x T x H x W, normalised); for --model swin3d_t/swin3d_s/swin3d_b")
     run.add_argument("--val-per-class", type=int, default=None, help="first n images of each class (sorted)")
     run.add_argument("--out", required=True, help="output directory (results.json, checkpoint)")
     run.add_argument("--checkpoint-dir", default=None, help="where last.pth goes (default: --out)")
@@ -104,6 +109,38 @@ def _hf_classifier(args: argparse.Namespace):
     return model
 
 
+VIDEO_MODELS = ("swin3d_t", "swin3d_s", "swin3d_b")
+
+
+def _video_model(args: argparse.Namespace):
+    """A torchvision Video Swin (random weights, or ``--checkpoint``: its state dict), as STViT with ``--stvit``."""
+    from torchvision.models import video
+
+    from tokenreduce import stvit
+    from tokenreduce.measure.checkpoint import load_checkpoint
+
+    if not args.clips:
+        raise InputError(f"--model {args.model!r} is a video model: train it on clips (--clips)")
+    if args.method or args.freeze_blocks:
+        raise InputError(f"--model {args.model!r}: --method and --freeze-blocks are for image models")
+    classes = args.num_classes or sum(1 for p in Path(args.data).iterdir() if p.is_dir())
+    model = getattr(video, args.model)(num_classes=classes, **parse_pairs(args.model_kwargs, "--model-kwargs"))
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    if args.stvit:
+        model = stvit.build(model, tokens_per_window=args.tokens_per_window, full_blocks=args.full_blocks,
+                            pooling=args.pooling, global_centres=not args.no_global_centres)
+    return model
+
+
+def _gmacs(model) -> float:
+    """GMACs per input for the start-up line: the analytic count (a plain Video Swin at 32 frames x 224 px)."""
+    import tokenreduce as tr
+    from tokenreduce.stvit.video_swin import is_video_swin, video_swin_flops
+
+    return video_swin_flops(model).total_gmacs if is_video_swin(model) else tr.flops(model).total_gmacs
+
+
 def build_model(args: argparse.Namespace):
     """The model ``args`` describe, with the initial weights loaded."""
     import timm
@@ -114,6 +151,11 @@ def build_model(args: argparse.Namespace):
 
     if args.stvit and args.method:
         raise InputError("--stvit and --method exclude each other")
+    if args.model in VIDEO_MODELS:
+        return _video_model(args)
+    if args.clips:
+        raise InputError(f"--clips trains a video model (--model one of {', '.join(VIDEO_MODELS)}), not "
+                         f"{args.model!r}")
     if args.model.startswith("open_clip:"):
         raise InputError(f"--model {args.model!r}: an open_clip image tower has no classifier to train; train "
                          "takes timm models (and STViT built from them) and hf: image classifiers")
@@ -160,7 +202,6 @@ def build_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tokenreduce as tr
     from tokenreduce.train import TrainConfig, lr_for_batch, train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,11 +218,12 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay, bf16=args.bf16, transform=args.transform, hflip=args.hflip, subset=args.subset,
         num_workers=args.workers, seed=args.seed, max_steps=args.max_steps, checkpoint_dir=args.checkpoint_dir,
         resume=args.resume, val_data=args.val_data, val_per_class=args.val_per_class, grad_clip=args.grad_clip,
-        head_lr_scale=args.head_lr_scale,
+        head_lr_scale=args.head_lr_scale, clips=args.clips,
         progress=not args.no_progress, extra={"model": args.model, "stvit": args.stvit, "method": args.method},
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{args.model}{' (STViT)' if args.stvit else ''}: {tr.flops(model).total_gmacs:.4g} GMACs/image, "
+        print(f"{args.model}{' (STViT)' if args.stvit else ''}: {_gmacs(model):.4g} GMACs/"
+              f"{'clip' if args.clips else 'image'}, "
               f"lr {lr:.3g}, {args.epochs} epochs", flush=True)
     result = train(model, config)
     if int(os.environ.get("RANK", "0")) == 0:

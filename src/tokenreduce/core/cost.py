@@ -40,14 +40,14 @@ class ModelInfo:
     mlp_hidden: int
     num_prefix: int
     has_cls: bool
-    patch_size: tuple[int, int]
+    patch_size: tuple[int, ...]  # (h, w), or (t, h, w) for a video model's tubelets
     in_chans: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # the (h, w) patch grid, or (t, h, w) for a video model
     head_macs: int
 
     @property
     def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     @property
     def num_tokens(self) -> int:
@@ -185,12 +185,13 @@ def pooling_macs(kind: str, tokens: int, dim: int) -> int:
 
 
 def _img_size(info: ModelInfo) -> tuple[int, int]:
-    return info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1]
+    """The (height, width) of the input (of every frame, for a video model)."""
+    return info.grid[-2] * info.patch_size[-2], info.grid[-1] * info.patch_size[-1]
 
 
 def embed_macs(info: ModelInfo) -> int:
-    """The patch embedding: one ``C*p*p -> D`` projection per patch."""
-    return info.num_patches * info.in_chans * info.patch_size[0] * info.patch_size[1] * info.dim
+    """The patch embedding: one ``C*p*p -> D`` projection per patch (``C*t*p*p -> D`` per video tubelet)."""
+    return info.num_patches * info.in_chans * math.prod(info.patch_size) * info.dim
 
 
 # --- reports -----------------------------------------------------------------------------------------------

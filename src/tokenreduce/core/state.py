@@ -18,7 +18,9 @@ class TokenState:
         owner: for every input patch, the index of the token that now carries it (-1 once dropped),
             ``B x n0`` long; ``None`` unless tracking was asked for.
         num_prefix: leading tokens (CLS, distillation, registers) that are never removed or merged.
-        grid: the (h, w) patch grid of the input image.
+        grid: the (h, w) patch grid of the input image, or (t, h, w) for a video clip (t time steps of
+            tubelets); image tokens are in raster order over it (time slowest), so ``owner``, ``left`` and
+            :func:`tokenreduce.core.ops.restore` reshape to ``B x t x h x w`` per frame.
         left: for every input patch, whether it has left the sequence (pruned, propagated away, fused into
             EViT's inattentive token), ``B x n0`` bool; ``None`` unless dense output was asked for.
         left_x: the feature each patch's token had in the block where the patch left, ``B x n0 x C``
@@ -31,7 +33,7 @@ class TokenState:
     size: torch.Tensor | None = None
     owner: torch.Tensor | None = None
     num_prefix: int = 1
-    grid: tuple[int, int] = (0, 0)
+    grid: tuple[int, ...] = (0, 0)
     left: torch.Tensor | None = None
     left_x: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)

@@ -55,12 +55,45 @@ def render_tokens(image: np.ndarray, owner: torch.Tensor, grid: tuple[int, int])
     """The image (H x W x 3 floats in [0, 1]) coloured by token groups, and the counts of each kind."""
     info = patch_kinds(owner)
     gh, gw = grid
+    colours = _group_colours(int(info["group"].max()) + 1)
+    token = _token_ids(owner, gh, gw)
+    out = _paint(image, info["kind"].reshape(gh, gw), info["group"].reshape(gh, gw), token, colours)
+    return out, _counts(info)
+
+
+def render_clip_tokens(frames: np.ndarray, owner: torch.Tensor, grid: tuple[int, int, int]
+                       ) -> tuple[list[np.ndarray], dict[str, int]]:
+    """One picture per time step of a clip: ``frames`` (t x H x W x 3 floats in [0, 1], one frame per time step
+    of the ``(t, h, w)`` token grid) coloured by token groups over the whole clip, so a token that carries
+    tubelets of several frames has the same colour in each; and the counts of each kind over the clip."""
+    info = patch_kinds(owner)
+    steps, gh, gw = grid
+    colours = _group_colours(int(info["group"].max()) + 1)
+    kind, group = info["kind"].reshape(steps, gh, gw), info["group"].reshape(steps, gh, gw)
+    token = owner.detach().cpu().numpy().astype(np.int64).reshape(steps, gh, gw)
+    pictures = [_paint(frames[t], kind[t], group[t], token[t].copy(), colours) for t in range(steps)]
+    return pictures, _counts(info)
+
+
+def _counts(info: dict[str, np.ndarray]) -> dict[str, int]:
+    groups = int(len(np.unique(info["group"][info["kind"] == GROUPED])))
+    return {
+        "tokens": groups + int((info["kind"] == KEPT).sum()),
+        "kept": int((info["kind"] == KEPT).sum()),
+        "groups": groups,
+        "grouped_patches": int((info["kind"] == GROUPED).sum()),
+        "pruned": int((info["kind"] == PRUNED).sum()),
+    }
+
+
+def _paint(image: np.ndarray, kind: np.ndarray, group: np.ndarray, token: np.ndarray, colours: np.ndarray
+           ) -> np.ndarray:
+    """Overlay one gh x gw grid of patch kinds on an image: groups in their colour, pruned patches darkened,
+    a light line between patches of different tokens."""
+    gh, gw = kind.shape
     height, width = image.shape[:2]
     ph, pw = height // gh, width // gw
     image = image[: gh * ph, : gw * pw]
-    kind = info["kind"].reshape(gh, gw)
-    group = info["group"].reshape(gh, gw)
-    colours = _group_colours(int(group.max()) + 1)
     # Per-patch overlay colour and opacity, then upsampled to pixels.
     overlay = np.zeros((gh, gw, 3))
     alpha = np.zeros((gh, gw))
@@ -72,7 +105,6 @@ def render_tokens(image: np.ndarray, owner: torch.Tensor, grid: tuple[int, int])
     alpha_px = np.repeat(np.repeat(alpha, ph, 0), pw, 1)[..., None]
     out = image * (1 - alpha_px) + overlay_px * alpha_px
     # Outline groups: a pixel line wherever two neighbouring patches belong to different tokens.
-    token = _token_ids(owner, gh, gw)
     token[kind == PRUNED] = -2
     edge_v = token[:, 1:] != token[:, :-1]
     edge_h = token[1:, :] != token[:-1, :]
@@ -82,14 +114,7 @@ def render_tokens(image: np.ndarray, owner: torch.Tensor, grid: tuple[int, int])
     for r, c in zip(*np.nonzero(edge_h), strict=True):
         edges[(r + 1) * ph - 1:(r + 1) * ph, c * pw:(c + 1) * pw] = True
     out[edges] = 0.35 * out[edges] + 0.65  # a light line that still lets the image show
-    counts = {
-        "tokens": int(len(np.unique(info["group"][info["kind"] == GROUPED])) + int((info["kind"] == KEPT).sum())),
-        "kept": int((info["kind"] == KEPT).sum()),
-        "groups": int(len(np.unique(info["group"][info["kind"] == GROUPED]))),
-        "grouped_patches": int((info["kind"] == GROUPED).sum()),
-        "pruned": int((info["kind"] == PRUNED).sum()),
-    }
-    return np.clip(out, 0, 1), counts
+    return np.clip(out, 0, 1)
 
 
 def _token_ids(owner: torch.Tensor, gh: int, gw: int) -> np.ndarray:

@@ -47,31 +47,35 @@ _SPATIAL_CACHE: dict[tuple[tuple[int, int], torch.device], tuple[torch.Tensor, t
 MAX_CACHED_GRIDS = 16
 
 
-def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean ``n0 x n0`` adjacency of the 8-neighbourhood on an ``h x w`` grid (raster order, no self loops).
+def spatial_adjacency(grid: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean ``n0 x n0`` adjacency of the cells at Chebyshev distance 1 on an ``h x w`` grid (the
+    8-neighbourhood) or a ``t x h x w`` space-time grid (the 26-neighbourhood: the same cell and its 8 neighbours
+    in the previous and next time step too), raster order, no self loops.
 
     Cached per (grid, device); do not modify the returned tensor.
 
     >>> spatial_adjacency((2, 2)).sum(dim=1).tolist()
     [3, 3, 3, 3]
+    >>> spatial_adjacency((2, 1, 2)).sum(dim=1).tolist()
+    [3, 3, 3, 3]
     """
     return _spatial(grid, torch.device(device))[0]
 
 
-def spatial_graph(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+def spatial_graph(grid: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """The normalised spatial graph ``G = A / sqrt(d_i d_j)``, ``n0 x n0`` float32 (cached, read-only)."""
     return _spatial(grid, torch.device(device))[1]
 
 
-def _spatial(grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
     graphs = _SPATIAL_CACHE.get(key)  # one lookup: another thread may clear the cache between two
     if graphs is None:
-        h, w = key[0]
         with torch.inference_mode(False):
-            rows = torch.arange(h, device=device).repeat_interleave(w)
-            cols = torch.arange(w, device=device).repeat(h)
-            chebyshev = torch.maximum((rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs())
+            # Raster coordinates of every cell, n0 x len(grid) (last axis fastest), for a 2-D or 3-D grid.
+            coords = torch.stack(torch.meshgrid(*(torch.arange(g, device=device) for g in key[0]), indexing="ij"),
+                                 dim=-1).reshape(-1, len(key[0]))
+            chebyshev = (coords[:, None, :] - coords[None, :, :]).abs().amax(dim=-1)
             adjacency = chebyshev == 1
             graphs = (adjacency, normalise_graph(adjacency))
         if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
@@ -111,15 +115,16 @@ def normalise_graph(adjacency: torch.Tensor) -> torch.Tensor:
     return a * inv_sqrt_degree.unsqueeze(-1) * inv_sqrt_degree.unsqueeze(-2)
 
 
-def build_graph(tokens: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
+def build_graph(tokens: torch.Tensor, grid: tuple[int, ...], kind: str = "mixed", k: int = 8) -> torch.Tensor:
     """The normalised graph over the image tokens ``B x n0 x D`` on ``grid``: ``B x n0 x n0`` float32.
 
-    ``kind`` is "spatial" (8-neighbourhood), "semantic" (directed cosine kNN with ``k`` neighbours) or
-    "mixed" (their union). The spatial graph is an expanded view of a cached tensor (no copy per image).
+    ``kind`` is "spatial" (8-neighbourhood; 26-neighbourhood on a ``(t, h, w)`` grid), "semantic" (directed
+    cosine kNN with ``k`` neighbours) or "mixed" (their union). The spatial graph is an expanded view of a
+    cached tensor (no copy per image).
     """
     batch, n0 = tokens.shape[:2]
-    if grid[0] * grid[1] != n0:
-        raise InputError(f"gtp: grid {tuple(grid)} has {grid[0] * grid[1]} cells but there are {n0} image tokens")
+    if math.prod(grid) != n0:
+        raise InputError(f"gtp: grid {tuple(grid)} has {math.prod(grid)} cells but there are {n0} image tokens")
     if kind == "spatial":
         return spatial_graph(grid, tokens.device).expand(batch, -1, -1)
     adjacency = semantic_adjacency(tokens, k)
