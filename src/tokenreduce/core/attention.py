@@ -107,8 +107,8 @@ def map_statistics(
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The attention output and the map statistics ``"col_sum"`` / ``"diag"`` (``B x H x N`` each) without the
-    whole ``B x H x N x N`` map: it is made for a few images at a time, at most ``chunk_elements`` entries
-    (default ``MAP_CHUNK_ELEMENTS``).
+    whole ``B x H x N x N`` map: it is made for a few images at a time (a few query rows of one image when a
+    single image's map is larger), at most ``chunk_elements`` entries (default ``MAP_CHUNK_ELEMENTS``).
 
     ``kernel="chunked"`` takes the output from the same chunks (``probs @ v``, the reference arithmetic);
     ``"fused"`` from ``F.scaled_dot_product_attention``, the chunks then only make the statistics; ``"auto"``:
@@ -126,31 +126,41 @@ def map_statistics(
     if kernel == "auto":
         kernel = "chunked" if q.device.type == "cpu" else "fused"
     batch, heads, num_q, _ = q.shape
-    if torch.compiler.is_compiling():
-        rows = batch
-    else:
-        budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-        rows = max(1, budget // (heads * num_q * k.shape[2]))
+    num_k = k.shape[2]
     bias = None if size_bias is None else size_bias.to(q.dtype)
-    outs, columns, diagonals = [], [], []
-    for start in range(0, batch, rows):
-        part = slice(start, start + rows)
-        probs = _map_chunk(q[part], k[part], scale, None if bias is None else bias[part])
-        if kernel == "chunked":
-            outs.append(probs @ v[part])
+    budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    if torch.compiler.is_compiling() or batch * heads * num_q * num_k <= budget:
+        # One chunk: the reference arithmetic as it is (the compiler fuses it; a Python loop would unroll).
+        probs = _map_chunk(q, k, scale, bias)
+        out = probs @ v if kernel == "chunked" else None
+        stats = {}
         if "col_sum" in need:
-            columns.append(probs.sum(dim=-2))
+            stats["col_sum"] = probs.sum(dim=-2)
         if "diag" in need:
-            diagonals.append(probs.diagonal(dim1=-2, dim2=-1))
-    if kernel == "chunked":
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
     else:
+        # A few images per chunk; when one image's map alone is over the budget (video, large images), a few
+        # of its query rows per chunk, the column sums then added up over the row blocks.
+        images = max(1, budget // (heads * num_q * num_k))
+        query_rows = num_q if images > 1 else max(1, budget // (heads * num_k))
+        out = q.new_empty(*q.shape[:3], v.shape[-1]) if kernel == "chunked" else None
+        columns = q.new_zeros(batch, heads, num_k) if "col_sum" in need else None
+        diagonal = q.new_empty(batch, heads, num_q) if "diag" in need else None
+        for first in range(0, batch, images):
+            part = slice(first, first + images)
+            for row in range(0, num_q, query_rows):
+                rows = slice(row, row + query_rows)
+                probs = _map_chunk(q[part, :, rows], k[part], scale, None if bias is None else bias[part])
+                if out is not None:
+                    out[part, :, rows] = probs @ v[part]
+                if columns is not None:
+                    columns[part] += probs.sum(dim=-2)
+                if diagonal is not None:  # the entries (i, i) of these rows: the block's diagonal at offset row
+                    diagonal[part, :, rows] = probs.diagonal(offset=row, dim1=-2, dim2=-1)
+        stats = {name: t for name, t in (("col_sum", columns), ("diag", diagonal)) if t is not None}
+    if out is None:
         default = scale == q.shape[-1] ** -0.5
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=None if default else scale)
-    stats = {}
-    for name, parts in (("col_sum", columns), ("diag", diagonals)):
-        if parts:
-            stats[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out, stats
 
 
