@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tokenreduce as tr
 
+    from ..api import unwrap
     from ..core.errors import require
     from ..export import DEFAULT_OPSET, EXTRA, default_img_size
 
@@ -80,12 +81,12 @@ def run(args: argparse.Namespace) -> int:
                                                                                   _common.OPEN_CLIP_PREFIX))
     overrides = {"img_size": args.img_size} if args.img_size and timm_model else {}
     model = _common.patch_model(_common.build_model(args, **overrides), name, options)
-    size = (args.img_size, args.img_size) if args.img_size else default_img_size(tr.unwrap(model))
+    size = (args.img_size, args.img_size) if args.img_size else default_img_size(unwrap(model))
     images = None
     if not args.no_check:
         count = args.batch_size or args.check_count
         if args.images:
-            images = check_batch(tr.unwrap(model), args.images, count, size)
+            images = check_batch(unwrap(model), args.images, count, size)
             if images.shape[0] != count:
                 raise InputError(f"--images {args.images!r} holds {images.shape[0]} images; the fixed --batch-size "
                                  f"{count} needs as many")
