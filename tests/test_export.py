@@ -46,11 +46,13 @@ def stvit_swin() -> torch.nn.Module:
 
 
 @needs_export
-@pytest.mark.parametrize("method", ["none", *REDUCING, "stvit", "stvit_swin"])
+@pytest.mark.parametrize("method", ["none", *REDUCING, "gtp_sparse", "stvit", "stvit_swin"])
 def test_export_equals_pytorch_at_another_batch_size(method, tmp_path):
     model = make_model(CASE, depth=DEPTH)
     if method in REDUCING:
         tr.patch(model, method, **REDUCING[method])
+    elif method == "gtp_sparse":  # kthvalue, translated by tokenreduce.export
+        tr.patch(model, "gtp", r=4, sparsity=0.9)
     elif method == "stvit":
         model = tr.stvit.build(model, num_semantic=4, full_blocks=1).eval()
     elif method == "stvit_swin":
@@ -104,6 +106,13 @@ def test_a_failed_check_writes_nothing_and_keeps_an_earlier_file(tmp_path, monke
     assert path.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_gtp_random_selection_is_refused(tmp_path):
+    model = tr.patch(make_model(CASE, depth=DEPTH), "gtp", r=4, selection="random")
+    with pytest.raises(tr.InputError, match="selection='random' cannot be exported"):
+        tr.export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(img_size=0), "img_size must be a positive int"),
     (dict(img_size=(96, 96, 3)), "img_size must be a positive int"),
@@ -132,11 +141,20 @@ def test_missing_extra_names_the_extra(missing, tmp_path, monkeypatch, capsys):
 
 @needs_export
 def test_cli_exports_and_checks(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):  # --check-count 3 takes the first three (sorted)
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"{i}.png")
     out, report = tmp_path / "tome.onnx", tmp_path / "export.json"
-    argv = ["export", *TINY_CLI, "--method", "tome", "--r", "2", "--out", str(out), "--json", str(report)]
+    argv = ["export", *TINY_CLI, "--method", "tome", "--r", "2", "--out", str(out), "--json", str(report),
+            "--images", str(photos)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}: tome(r=2) at 32x32, batch dynamic, opset 18" in printed
+    assert f"onnxruntime vs PyTorch on 3 images of {photos} (batches [3, 1])" in printed
     data = json.loads(report.read_text())
     assert data["method"] == "tome" and data["batch_size"] is None and data["max_abs_diff"] <= ATOL
     assert data["checked_batches"] == [3, 1] and data["img_size"] == [32, 32]
@@ -150,9 +168,11 @@ def test_cli_exports_and_checks(tmp_path, capsys):
     (["--method", "nope"], "unknown method 'nope'; known methods: evit, gtp, ppt, tome, topk"),
     (["--method", "tome", "--r", "2", "--batch-size", "0"], "--batch-size must be positive"),
     (["--method", "stvit"], "--method stvit and --stvit-checkpoint PATH go together"),
+    (["--method", "tome", "--r", "2", "--images", "{tmp}/none"], "does not exist"),
 ])
 @needs_export
 def test_cli_bad_input_exits_2_and_writes_nothing(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["export", *TINY_CLI, *argv, "--out", str(tmp_path / "m.onnx")]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

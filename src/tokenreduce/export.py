@@ -6,11 +6,14 @@ fixed schedule are Python integers, and the data-dependent choices (which tokens
 batched tensor operations, so they become ONNX ``TopK``/``Gather``/``ScatterElements``/``Where`` nodes. Two things
 need help, only while exporting:
 
-- ``argsort(stable=True)`` / ``sort(stable=True)`` (ToMe's and PPT's matching, Top-K, EViT and GTP's selection):
-  the translator has no function for ``aten.sort.stable``; we give it one, ONNX ``TopK`` over the whole axis,
-  which ONNX defines to break ties by the lower index, i.e. a stable sort.
+- ``argsort(stable=True)`` / ``sort(stable=True)`` (ToMe's and PPT's matching, Top-K, EViT and GTP's selection)
+  and ``kthvalue`` (GTP's ``sparsity``): the translator has no function for them; we give it ONNX ``TopK``, which
+  ONNX defines to break ties by the lower index, i.e. a stable sort.
 - GTP builds its graph with two forms that only the exporter sees (``methods/gtp.py``: no in-place diagonal fill,
   no write of traced tensors into the spatial-graph cache); the eager path is unchanged.
+
+One option cannot be exported: GTP's ``selection="random"`` (an ablation) draws its scores from a
+``torch.Generator``, which no ONNX graph reproduces; it is refused with an ``InputError``.
 
 The image size is fixed in the graph (the token schedule depends on it): ONNX Runtime refuses another size with an
 "invalid dimensions" error. The batch axis is dynamic unless ``batch_size`` is given.
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import method_of
 from .core.errors import InputError, InputTypeError, require
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "default_img_size", "export_onnx", "onnx_session"]
@@ -66,16 +70,26 @@ def _require_extra(check: bool) -> None:
         require(module, EXTRA)
 
 
-def _stable_sort_translation() -> dict[Any, Any]:
-    """ONNX for ``aten.sort.stable`` (what ``argsort(stable=True)`` and ``sort(stable=True)`` export as): ``TopK``
-    over the whole axis, sorted; ONNX's TopK puts the lower index first among equal values, so it is stable."""
+def _translations() -> dict[Any, Any]:
+    """ONNX for the two ops the translator lacks. ``aten.sort.stable`` (what ``argsort(stable=True)`` and
+    ``sort(stable=True)`` export as): ``TopK`` over the whole axis, sorted; ONNX's TopK puts the lower index first
+    among equal values, so it is stable. ``aten.kthvalue``: ``TopK`` of the k smallest, then the k-th."""
     from onnxscript import opset18 as op
 
     def sort_stable(self, *, stable=None, dim=-1, descending=False):
         size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
         return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
 
-    return {torch.ops.aten.sort.stable: sort_stable}
+    def kthvalue(self, k, dim=-1, keepdim=False):
+        # GTP's sparsity threshold: the k smallest along ``dim``, sorted, and the last of them.
+        values, indices = op.TopK(self, op.Constant(value_ints=[k]), axis=dim, largest=False, sorted=True)
+        start, end, axes = op.Constant(value_ints=[k - 1]), op.Constant(value_ints=[k]), op.Constant(value_ints=[dim])
+        values, indices = op.Slice(values, start, end, axes), op.Slice(indices, start, end, axes)
+        if not keepdim:
+            values, indices = op.Squeeze(values, axes), op.Squeeze(indices, axes)
+        return values, indices
+
+    return {torch.ops.aten.sort.stable: sort_stable, torch.ops.aten.kthvalue.default: kthvalue}
 
 
 def default_img_size(model: nn.Module) -> tuple[int, int]:
@@ -195,6 +209,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         raise InputError(f"batch_size must be None (dynamic) or a positive integer, got {batch_size!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
         raise InputError(f"opset must be an integer >= 17, got {opset!r}")
+    _refuse_unexportable(model)
     in_chans = _input_channels(model)
     check_images = _check_images(images, size, batch_size, in_chans)
     path = Path(path)
@@ -221,7 +236,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
                     warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
                     torch.onnx.export(model, (example,), str(staged), dynamo=True, opset_version=opset,
                                       input_names=[INPUT_NAME], output_names=list(output_names),
-                                      dynamic_shapes=dynamic, custom_translation_table=_stable_sort_translation(),
+                                      dynamic_shapes=dynamic, custom_translation_table=_translations(),
                                       external_data=big, verbose=False)
             except Exception as err:
                 if dynamic is not None and "Constraints violated" in str(err):
@@ -239,6 +254,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             for staged_file in Path(folder).iterdir():  # the graph, and its weights file for a large model
                 os.replace(staged_file, path.parent / staged_file.name)
     return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches)
+
+
+def _refuse_unexportable(model: nn.Module) -> None:
+    method = method_of(model)
+    if method is not None and method.name == "gtp" and method.options.get("selection") == "random":
+        raise InputError("gtp with selection='random' cannot be exported: its scores come from a torch.Generator, "
+                         "which an ONNX graph cannot reproduce; export another selection")
 
 
 def _input_channels(model: nn.Module) -> int:
