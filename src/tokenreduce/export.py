@@ -93,11 +93,15 @@ def _translations() -> dict[Any, Any]:
 
 
 def default_img_size(model: nn.Module) -> tuple[int, int]:
-    """The input size a model was built for: the first ``patch_embed.img_size`` among its modules."""
-    for module in model.modules():  # timm models and tokenreduce's STViT builds (their host's patch_embed)
+    """The input size a model was built for: the first ``patch_embed.img_size`` among its modules (timm, and
+    tokenreduce's STViT builds), else a Hugging Face ``config.image_size`` or open_clip's ``image_size``."""
+    for module in model.modules():
         size = getattr(getattr(module, "patch_embed", None), "img_size", None)
         if size is not None:
             return _pair(size, "the model's patch_embed.img_size")
+    for size in (getattr(getattr(model, "config", None), "image_size", None), getattr(model, "image_size", None)):
+        if size is not None:
+            return _pair(size, "the model's image size")
     raise InputError(f"cannot tell the image size of a {type(model).__name__}; pass img_size=")
 
 
