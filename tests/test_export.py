@@ -79,6 +79,25 @@ def test_export_equals_pytorch_at_another_batch_size(method, tmp_path):
         assert tr.flops(model).gmacs < tr.flops(make_model(CASE, depth=DEPTH)).gmacs
 
 
+class Sorts(torch.nn.Module):
+    """The ops tokenreduce.export translates itself: stable sorts both ways (on ties), kthvalue."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scores = images.flatten(1).round()  # many ties
+        ascending = scores.argsort(dim=-1, stable=True)
+        descending = scores.argsort(dim=-1, descending=True, stable=True)
+        kth = scores.kthvalue(5, dim=-1, keepdim=True).values.expand(-1, scores.shape[1])
+        return torch.cat([ascending.float(), descending.float(), kth], dim=1)
+
+
+@needs_export
+def test_translated_sorts_are_stable_like_torch(tmp_path):
+    model = Sorts()
+    batch = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    result = tr.export_onnx(model, tmp_path / "sorts.onnx", img_size=4, images=batch)
+    assert result.max_abs_diff == 0.0  # the same indices on ties, in both directions
+
+
 @needs_export
 def test_fixed_batch_and_image_size_are_refused_by_onnxruntime(tmp_path):
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
