@@ -25,6 +25,7 @@ from .api import (
 )
 from .core.errors import InputError, InputTypeError, MissingExtraError, TokenReduceError
 from .core.state import TokenState
+from .export import OnnxExport, export_onnx
 from .methods.base import Method, Plan, register
 
 __version__ = "0.1.0"
@@ -33,12 +34,14 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "MissingExtraError",
+    "OnnxExport",
     "TokenReduceError",
     "Method",
     "Plan",
     "TokenState",
     "describe",
     "diagnostics",
+    "export_onnx",
     "flops",
     "method_of",
     "methods",

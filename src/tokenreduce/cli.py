@@ -11,7 +11,7 @@ import sys
 
 from .core.errors import TokenReduceError
 
-COMMANDS = ("flops", "bench", "eval", "viz", "demo", "train")
+COMMANDS = ("flops", "bench", "eval", "viz", "demo", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,16 +72,28 @@ def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
     graphs = _SPATIAL_CACHE.get(key)  # one lookup: another thread may clear the cache between two
     if graphs is None:
         with torch.inference_mode(False):
-            # Raster coordinates of every cell, n0 x len(grid) (last axis fastest), for a 2-D or 3-D grid.
-            coords = torch.stack(torch.meshgrid(*(torch.arange(g, device=device) for g in key[0]), indexing="ij"),
-                                 dim=-1).reshape(-1, len(key[0]))
-            chebyshev = (coords[:, None, :] - coords[None, :, :]).abs().amax(dim=-1)
-            adjacency = chebyshev == 1
-            graphs = (adjacency, normalise_graph(adjacency))
+            graphs = _build_spatial(key[0], device)
+        if _exporting():
+            return graphs  # traced tensors (fake while exporting): into the exported graph, never the cache
         if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
             _SPATIAL_CACHE.clear()
         _SPATIAL_CACHE[key] = graphs
     return graphs
+
+
+def _exporting() -> bool:
+    """Whether ``torch.export`` (hence ``tr.export_onnx``) is tracing; torch < 2.6 has no such flag."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _build_spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Raster coordinates of every cell, n0 x len(grid) (last axis fastest), for a 2-D or 3-D grid.
+    coords = torch.stack(torch.meshgrid(*(torch.arange(g, device=device) for g in grid), indexing="ij"),
+                         dim=-1).reshape(-1, len(grid))
+    chebyshev = (coords[:, None, :] - coords[None, :, :]).abs().amax(dim=-1)
+    adjacency = chebyshev == 1
+    return adjacency, normalise_graph(adjacency)
 
 
 def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,10 +108,20 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
     with torch.no_grad():
         unit = F.normalize(tokens.detach().float(), dim=-1)
         similarity = unit @ unit.transpose(1, 2)
-        similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        similarity = _exclude_self(similarity)
         neighbours = similarity.topk(k, dim=-1).indices
         adjacency = torch.zeros(similarity.shape, dtype=torch.bool, device=tokens.device)
         return adjacency.scatter_(2, neighbours, True)
+
+
+def _exclude_self(similarity: torch.Tensor) -> torch.Tensor:
+    """``similarity`` (``B x n x n``) with -inf on its diagonal: in place, or, while exporting (the exporter
+    cannot translate a fill through a diagonal view), out of place with the same values."""
+    if _exporting():
+        eye = torch.eye(similarity.shape[-1], dtype=torch.bool, device=similarity.device)
+        return similarity.masked_fill(eye, -math.inf)
+    similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    return similarity
 
 
 def normalise_graph(adjacency: torch.Tensor) -> torch.Tensor:

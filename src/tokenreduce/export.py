@@ -1,0 +1,291 @@
+"""Export a model, patched or not (and STViT models), to ONNX, and check the graph in ONNX Runtime.
+
+The graph is captured by ``torch.export`` and translated by ``torch.onnx.export(..., dynamo=True)`` (the
+``onnxscript`` translator). Every method's forward pass exports as it runs in eager mode: the token counts of a
+fixed schedule are Python integers, and the data-dependent choices (which tokens go, PPT's per-image policy) are
+batched tensor operations, so they become ONNX ``TopK``/``Gather``/``ScatterElements``/``Where`` nodes. Two things
+need help, only while exporting:
+
+- ``argsort(stable=True)`` / ``sort(stable=True)`` (ToMe's and PPT's matching, Top-K, EViT and GTP's selection)
+  and ``kthvalue`` (GTP's ``sparsity``): the translator has no function for them; we give it ONNX ``TopK``, which
+  ONNX defines to break ties by the lower index, i.e. a stable sort.
+- GTP builds its graph with two forms that only the exporter sees (``methods/gtp.py``: no in-place diagonal fill,
+  no write of traced tensors into the spatial-graph cache); the eager path is unchanged.
+
+One option cannot be exported: GTP's ``selection="random"`` (an ablation) draws its scores from a
+``torch.Generator``, which no ONNX graph reproduces; it is refused with an ``InputError``.
+
+The image size is fixed in the graph (the token schedule depends on it): ONNX Runtime refuses another size with an
+"invalid dimensions" error. The batch axis is dynamic unless ``batch_size`` is given.
+
+>>> import timm, tokenreduce as tr
+>>> model = tr.patch(timm.create_model("deit_tiny_patch16_224", depth=2, img_size=64), "tome", r=4)
+>>> tr.export_onnx(model, "/tmp/tome.onnx").max_abs_diff < 1e-4  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import method_of
+from .core.errors import InputError, InputTypeError, require
+
+__all__ = ["DEFAULT_OPSET", "OnnxExport", "default_img_size", "export_onnx", "onnx_session"]
+
+EXTRA = "export"
+#: ONNX opset of the exported graphs: onnxscript's own, run by onnxruntime >= 1.14.
+DEFAULT_OPSET = 18
+#: Largest model written as one file; a larger one keeps its weights in ``<path>.data`` (protobuf's 2 GB limit).
+SINGLE_FILE_BYTES = 1_800_000_000
+INPUT_NAME = "images"
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote and how it was checked."""
+
+    path: str
+    img_size: tuple[int, int]
+    batch_size: int | None  # None: dynamic batch axis
+    opset: int
+    input_name: str
+    output_names: tuple[str, ...]
+    max_abs_diff: float | None  # ONNX Runtime against PyTorch on the check images; None when not checked
+    checked_batches: tuple[int, ...]
+
+
+def _require_extra(check: bool) -> None:
+    for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
+        require(module, EXTRA)
+
+
+def _translations() -> dict[Any, Any]:
+    """ONNX for the two ops the translator lacks. ``aten.sort.stable`` (what ``argsort(stable=True)`` and
+    ``sort(stable=True)`` export as): ``TopK`` over the whole axis, sorted; ONNX's TopK puts the lower index first
+    among equal values, so it is stable. ``aten.kthvalue``: ``TopK`` of the k smallest, then the k-th."""
+    from onnxscript import opset18 as op
+
+    def sort_stable(self, *, stable=None, dim=-1, descending=False):
+        size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+
+    def kthvalue(self, k, dim=-1, keepdim=False):
+        # GTP's sparsity threshold: the k smallest along ``dim``, sorted, and the last of them.
+        values, indices = op.TopK(self, op.Constant(value_ints=[k]), axis=dim, largest=False, sorted=True)
+        start, end, axes = op.Constant(value_ints=[k - 1]), op.Constant(value_ints=[k]), op.Constant(value_ints=[dim])
+        values, indices = op.Slice(values, start, end, axes), op.Slice(indices, start, end, axes)
+        if not keepdim:
+            values, indices = op.Squeeze(values, axes), op.Squeeze(indices, axes)
+        return values, indices
+
+    return {torch.ops.aten.sort.stable: sort_stable, torch.ops.aten.kthvalue.default: kthvalue}
+
+
+def default_img_size(model: nn.Module) -> tuple[int, int]:
+    """The input size a model was built for: the first ``patch_embed.img_size`` among its modules (timm, and
+    tokenreduce's STViT builds), else a Hugging Face ``config.image_size`` or open_clip's ``image_size``."""
+    for module in model.modules():
+        size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+        if size is not None:
+            return _pair(size, "the model's patch_embed.img_size")
+    for size in (getattr(getattr(model, "config", None), "image_size", None), getattr(model, "image_size", None)):
+        if size is not None:
+            return _pair(size, "the model's image size")
+    raise InputError(f"cannot tell the image size of a {type(model).__name__}; pass img_size=")
+
+
+def _pair(size: Any, what: str = "img_size") -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else ()
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
+        raise InputError(f"{what} must be a positive int or (height, width), got {size!r}")
+    return pair
+
+
+def _flat(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order (a tensor, nested tuples/lists, or a ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, list | tuple):
+        return [t for item in output for t in _flat(item)]
+    raise InputTypeError(f"cannot export a model whose output is a {type(output).__name__}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for the export (dropout off, as deployed), every module's own flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
+                 sequential: bool = True) -> Any:
+    """An ``onnxruntime.InferenceSession`` on the CPU execution provider.
+
+    ``threads`` sets the intra-op threads (None: onnxruntime's default, one per core); ``optimization`` is the
+    graph optimisation level: "disable", "basic", "extended" or "all" (default; fuses attention, layer norm and
+    GELU subgraphs where onnxruntime recognises them); ``sequential`` runs nodes one after another (the
+    default; parallelism comes from the intra-op threads).
+    """
+    require("onnxruntime", EXTRA)
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise InputError(f"unknown optimization {optimization!r}; valid: {', '.join(levels)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_size: int | None,
+                  in_chans: int) -> torch.Tensor:
+    if images is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch_size or 4, in_chans, *img_size, generator=generator)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise InputError(f"images must be a B x C x H x W tensor, got {getattr(images, 'shape', type(images))}")
+    if tuple(images.shape[-2:]) != img_size:
+        raise InputError(f"images are {tuple(images.shape[-2:])} but the graph is exported at img_size {img_size}")
+    if batch_size is not None and images.shape[0] != batch_size:
+        raise InputError(f"images hold {images.shape[0]} images but the graph has a fixed batch_size={batch_size}")
+    return images.float().cpu()
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
+                batch_size: int | None = None, opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
+                check: bool = True, atol: float = 1e-4) -> OnnxExport:
+    """Export ``model`` (as patched now; an STViT build; or plain) to the ONNX file ``path`` and check it.
+
+    Args:
+        model: a module taking one ``B x C x H x W`` float tensor (a ``torch.compile`` wrapper is looked
+            through); exported in eval mode, its modes restored afterwards.
+        path: the ``.onnx`` file to write (its folder is created).
+        img_size: the fixed input size, an int or (height, width); default the model's own.
+        batch_size: None (default) for a dynamic batch axis, or a fixed batch size.
+        opset: the ONNX opset (default 18).
+        images: the check batch (e.g. real photos, preprocessed); default random images.
+        check: run the written graph in ONNX Runtime (CPU) on ``images`` (and, with a dynamic batch, on the
+            first image alone) and compare every output with PyTorch's; a difference above ``atol`` raises a
+            ``RuntimeError`` and writes nothing.
+
+    Returns:
+        An :class:`OnnxExport` (path, sizes, opset, input and output names, largest difference found).
+
+    Raises:
+        MissingExtraError: onnx, onnxscript (or, to check, onnxruntime) missing: ``pip install
+            "tokenreduce[export]"``.
+        InputError: a bad size, batch size or check batch; a model that does not run at ``img_size``.
+    """
+    _require_extra(check)
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: export the model inside
+        model = model._orig_mod
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
+    size = default_img_size(model) if img_size is None else _pair(img_size)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be None (dynamic) or a positive integer, got {batch_size!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
+        raise InputError(f"opset must be an integer >= 17, got {opset!r}")
+    _refuse_unexportable(model)
+    in_chans = _input_channels(model)
+    check_images = _check_images(images, size, batch_size, in_chans)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # Example batch: the fixed size, or 2 for a dynamic axis (torch.export specialises a size-1 axis).
+    example = torch.zeros(batch_size or 2, in_chans, *size, device=device)
+
+    with _eval_mode(model):
+        try:
+            with torch.inference_mode():
+                reference = _flat(model(example))
+        except (AssertionError, RuntimeError, ValueError) as err:  # timm asserts the input size
+            raise InputError(f"the model does not run at img_size {size}: {err}") from err
+        output_names = ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
+        dynamic = None if batch_size is not None else ({0: torch.export.Dim("batch", min=1)},)
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > SINGLE_FILE_BYTES
+        # Written in a new folder beside ``path`` and moved into place once checked: a failed export or check
+        # leaves no file and an earlier file at ``path`` untouched.
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tokenreduce-export-") as folder:
+            staged = Path(folder) / path.name
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
+                    torch.onnx.export(model, (example,), str(staged), dynamo=True, opset_version=opset,
+                                      input_names=[INPUT_NAME], output_names=list(output_names),
+                                      dynamic_shapes=dynamic, custom_translation_table=_translations(),
+                                      external_data=big, verbose=False)
+            except Exception as err:
+                if dynamic is not None and "Constraints violated" in str(err):
+                    raise InputError(f"{type(model).__name__} cannot be exported with a dynamic batch axis (its "
+                                     f"forward pass depends on the batch size); pass batch_size=N: {err}") from err
+                raise
+            diff, batches = None, ()
+            if check:
+                batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
+                    else (check_images.shape[0], 1)
+                diff = _compare(model, staged, check_images, batches, device)
+                if diff > atol:
+                    raise RuntimeError(f"the exported graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) "
+                                       f"on the check images; nothing written")
+            for staged_file in Path(folder).iterdir():  # the graph, and its weights file for a large model
+                os.replace(staged_file, path.parent / staged_file.name)
+    return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches)
+
+
+def _refuse_unexportable(model: nn.Module) -> None:
+    method = method_of(model)
+    if method is not None and method.name == "gtp" and method.options.get("selection") == "random":
+        raise InputError("gtp with selection='random' cannot be exported: its scores come from a torch.Generator, "
+                         "which an ONNX graph cannot reproduce; export another selection")
+
+
+def _input_channels(model: nn.Module) -> int:
+    for module in model.modules():
+        proj = getattr(getattr(module, "patch_embed", None), "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            return proj.in_channels
+    return 3
+
+
+def _compare(model: nn.Module, path: Path, images: torch.Tensor, batches: tuple[int, ...],
+             device: torch.device) -> float:
+    session = onnx_session(path)
+    worst = 0.0
+    for count in batches:
+        batch = images[:count]
+        with torch.inference_mode():
+            expected = [t.float().cpu().numpy() for t in _flat(model(batch.to(device)))]
+        got = session.run(None, {INPUT_NAME: batch.numpy()})
+        for e, g in zip(expected, got, strict=True):
+            if e.shape != g.shape:
+                raise RuntimeError(f"the exported graph gives shape {g.shape} where PyTorch gives {e.shape}")
+            worst = max(worst, float(abs(e - g).max()) if e.size else 0.0)
+    return worst
