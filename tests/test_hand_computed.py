@@ -292,3 +292,295 @@ def test_gtp_removes_the_lowest_scores_and_the_graph_shrinks_without_renormalisi
     expected = torch.tensor([[1 / math.sqrt(DEGREE[a] * DEGREE[b]) if b in NEIGHBOURS[a] else 0.0 for b in kept]
                              for a in kept])
     torch.testing.assert_close(graph[0], expected, rtol=1e-6, atol=0)
+
+
+# --- the cost table: formulas and reports by hand ---------------------------------------------------------------
+
+def test_cost_formulas_by_hand():
+    from tokenreduce.core import cost
+
+    assert cost.attention_macs(3, 5, 4) == 2 * 3 * 16 + 2 * 5 * 16 + 2 * 3 * 5 * 4  # q/out, k/v, scores/sum
+    assert cost.attention_macs(3, 5, 4, projected=7) == 2 * 3 * 16 + 2 * 7 * 16 + 2 * 3 * 5 * 4
+    assert cost.mlp_macs(3, 4, 10) == 2 * 3 * 4 * 10
+    assert cost.block_macs(5, 3, 4, 10) == (cost.attention_macs(5, 5, 4), 2 * 3 * 4 * 10)  # MLP after reduction
+    assert cost.cross_block_macs(3, 5, 4, 10) == (cost.attention_macs(3, 5, 4), 2 * 3 * 4 * 10)
+    assert cost.cross_block_macs(3, 5, 4, 10, projected=2) == (2 * 3 * 16 + 2 * 2 * 16 + 2 * 3 * 5 * 4, 240)
+    # A 7 x 5 grid in 4 x 4 windows is padded to 8 x 8 = 64 tokens for the attention; the MLP runs on 35.
+    assert cost.swin_block_macs((7, 5), (4, 4), 4, 10) == (2 * 64 * 16 + 2 * 64 * 16 + 2 * 64 * 16 * 4,
+                                                          2 * 35 * 4 * 10)
+    assert cost.swin_block_macs((3, 6), (3, 2), 4, 10)[0] == cost.attention_macs(18, 6, 4, 18)  # no padding
+    assert cost.pooling_macs("learned", 6, 4) == 10 * 6 * 4
+    assert cost.pooling_macs("average", 6, 4) == cost.pooling_macs("max", 6, 4) == 0
+
+
+INFO_KW = dict(depth=2, dim=4, heads=2, mlp_hidden=8, num_prefix=1, has_cls=True, patch_size=(2, 3), in_chans=3,
+               grid=(2, 3), head_macs=40)
+
+
+def test_model_info_and_unreduced_report_by_hand():
+    from tokenreduce.core.cost import ModelInfo, analytic_flops
+
+    info = ModelInfo(**INFO_KW)
+    assert (info.num_patches, info.num_tokens) == (6, 7)
+    report = analytic_flops(info, None)
+    embed = 6 * 3 * 2 * 3 * 4  # patches * (C p_h p_w) * D
+    block = (2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) + 2 * 7 * 4 * 8
+    assert report.method is None and report.img_size == (4, 9) and report.notes == ()
+    assert report.embed_gmacs * 1e9 == pytest.approx(embed) and report.head_gmacs * 1e9 == pytest.approx(40)
+    assert report.gmacs * 1e9 == pytest.approx(embed + 40 + 2 * block)
+    assert report.baseline_gmacs == report.gmacs and report.overhead_gmacs == 0 and report.ratio == 1
+    assert [(b.index, b.tokens_in, b.tokens_out) for b in report.blocks] == [(0, 7, 7), (1, 7, 7)]
+    assert report.blocks[1].gmacs * 1e9 == pytest.approx(block)
+
+
+def test_reduced_report_and_its_dict_and_text():
+    from tokenreduce.core.cost import ModelInfo, analytic_flops
+
+    info = ModelInfo(**INFO_KW)
+    method = create_method("topk", r=[0, 2], layers=None)  # block 1 keeps 4 of 6 image tokens
+    report = analytic_flops(info, method)
+    embed, head = 6 * 3 * 2 * 3 * 4, 40
+    full = (2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) + 2 * 7 * 4 * 8
+    reduced = (2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) + 2 * 5 * 4 * 8  # attention on 7 tokens, MLP on 5
+    assert report.method == "topk"
+    assert report.gmacs * 1e9 == pytest.approx(embed + head + full + reduced)
+    assert report.overhead_gmacs * 1e9 == pytest.approx(7 * 4)  # the CLS row of block 1
+    assert report.total_gmacs == pytest.approx(report.gmacs + report.overhead_gmacs)
+    assert report.ratio == pytest.approx(report.baseline_gmacs / report.total_gmacs)
+    assert report.baseline_gmacs * 1e9 == pytest.approx(embed + head + 2 * full)
+    d = report.as_dict()
+    assert d["tokens_in"] == [7, 7] and d["tokens_out"] == [7, 5] and d["img_size"] == [4, 9]
+    assert d["method"] == "topk" and d["notes"] == [] and d["ratio"] == report.ratio
+    assert d["total_gmacs"] == report.total_gmacs and d["gmacs"] == report.gmacs
+    assert d["overhead_gmacs"] == report.overhead_gmacs and d["baseline_gmacs"] == report.baseline_gmacs
+    assert d["embed_gmacs"] == report.embed_gmacs and d["head_gmacs"] == report.head_gmacs
+    assert d["block_gmacs"] == [b.gmacs for b in report.blocks]
+    text = str(report).splitlines()
+    assert text[0].split() == ["block", "tokens", "in", "tokens", "out", "GMACs"]
+    assert text[2].split()[:3] == ["1", "7", "5"] and float(text[2].split()[3]) == pytest.approx(reduced / 1e9,
+                                                                                                 abs=1e-4)
+    assert text[-1].startswith(f"method topk: {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} overhead")
+    assert text[-1].endswith(f"(unreduced {report.baseline_gmacs:.3f}, ratio {report.ratio:.2f}x)")
+
+
+def test_built_model_report_and_block_costs_by_hand():
+    from tokenreduce.core.cost import ModelInfo, block_costs, built_model_report
+
+    info = ModelInfo(**INFO_KW)
+    blocks = block_costs([(7, 5, 1000, 2000), (5, 5, 300, 400)])
+    assert [(b.index, b.tokens_in, b.tokens_out) for b in blocks] == [(0, 7, 5), (1, 5, 5)]
+    assert blocks[0].attn_gmacs * 1e9 == pytest.approx(1000) and blocks[0].mlp_gmacs * 1e9 == pytest.approx(2000)
+    report = built_model_report("stvit", info, blocks, baseline_depth=3, overhead_macs=50, notes=("n",))
+    embed, head = 6 * 3 * 2 * 3 * 4, 40
+    full = (2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) + 2 * 7 * 4 * 8
+    assert report.method == "stvit" and report.notes == ("n",) and report.img_size == (4, 9)
+    assert report.gmacs * 1e9 == pytest.approx(embed + head + 3700)
+    assert report.baseline_gmacs * 1e9 == pytest.approx(embed + head + 3 * full)
+    assert report.overhead_gmacs * 1e9 == pytest.approx(50)
+    assert report.embed_gmacs * 1e9 == pytest.approx(embed) and report.head_gmacs * 1e9 == pytest.approx(head)
+
+
+def tiny_swin() -> torch.nn.Module:
+    import timm
+
+    # 32 px, patch 4: an 8 x 8 grid of width 8 in 2 x 2 windows; stage 1 merges to 4 x 4 of width 16.
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, embed_dim=8,
+                             depths=(1, 1), num_heads=(1, 1), window_size=2, num_classes=5)
+
+
+def test_swin_counter_by_hand():
+    from tokenreduce.core.cost import SwinCounter
+
+    counter = SwinCounter(tiny_swin()).stages()
+    assert counter.embed == 64 * 3 * 4 * 4 * 8 and counter.head == 16 * 5
+    assert counter.other == 16 * 32 * 16  # patch merging: 4 x 4 outputs, 4 * 8 -> 16
+    stage0 = (2 * 64 * 64 + 2 * 64 * 64 + 2 * 64 * 4 * 8, 2 * 64 * 8 * 32)
+    stage1 = (2 * 16 * 256 + 2 * 16 * 256 + 2 * 16 * 4 * 16, 2 * 16 * 16 * 64)
+    assert [(b.index, b.tokens_in, b.tokens_out) for b in counter.blocks] == [(0, 64, 64), (1, 16, 16)]
+    assert counter.blocks[0].attn_gmacs * 1e9 == pytest.approx(stage0[0])
+    assert counter.blocks[0].mlp_gmacs * 1e9 == pytest.approx(stage0[1])
+    assert counter.blocks[1].gmacs * 1e9 == pytest.approx(sum(stage1))
+    total = counter.embed + counter.head + counter.other + sum(stage0) + sum(stage1)
+    assert counter.gmacs * 1e9 == pytest.approx(total)
+    report = counter.report("x", (32, 32), baseline_gmacs=1.0, overhead_macs=30, notes=("a",))
+    assert report.gmacs == counter.gmacs and report.overhead_gmacs * 1e9 == pytest.approx(30)
+    assert report.embed_gmacs * 1e9 == pytest.approx(counter.embed) and report.head_gmacs * 1e9 == pytest.approx(80)
+    assert report.blocks == counter.blocks and report.notes == ("a",) and report.baseline_gmacs == 1.0
+    assert report.method == "x" and report.img_size == (32, 32)
+
+
+def test_swin_counter_after_blocks_sets_the_next_grid():
+    from tokenreduce.core.cost import SwinCounter
+
+    seen = []
+
+    def after(stage: int, grid: tuple[int, int]):
+        seen.append((stage, grid))
+        return (6, 6) if stage == 0 else None  # a build that shrinks the grid after stage 0
+
+    counter = SwinCounter(tiny_swin()).stages(after)
+    assert seen == [(0, (8, 8)), (1, (3, 3))]
+    assert counter.other == 9 * 32 * 16 and counter.blocks[1].tokens_in == 9
+    counter.add(5, 4, 1000, 2000)
+    assert (counter.blocks[-1].index, counter.blocks[-1].tokens_out) == (2, 4)
+    assert counter.blocks[-1].gmacs * 1e9 == pytest.approx(3000)
+
+
+# --- what a new method inherits from the base class -----------------------------------------------------------
+
+def test_base_method_defaults_and_default_step():
+    from tokenreduce.methods.base import Method
+
+    class DropTwo(Method):  # not registered: the registry stays as the other tests expect it
+        name = "drop_two"
+
+        def amounts(self, depth: int) -> list[int]:
+            return [2] * depth
+
+    method = DropTwo(a=1, b="x")
+    assert repr(method) == "DropTwo(a=1, b='x')"
+    assert method.describe() == {"method": "drop_two", "options": {"a": 1, "b": "x"}}
+    plan = method.plan(5, 1, 1)  # 4 image tokens, drop 2
+    assert (plan.amounts, plan.tokens_in, plan.tokens_out, plan.notes) == ((2,), (5,), (3,), ())
+    assert method.plan(5, 1, 1) is plan  # cached per shape
+    assert method.prop_attn(0) is False and method.overhead_macs(plan, 8, 2, 1) == 0.0
+    assert method.needs(0, plan) == frozenset() and method.attn_transform(0, plan) is None
+    state = TokenState(torch.zeros(1, 5, 2))
+    assert method.begin(state, plan) is state and method.diagnostics([state]) == {}
+    with pytest.raises(ValueError, match="block 1 would remove 2 of its 2 image tokens"):
+        method.plan(5, 1, 2)  # block 1 is entered by 3 tokens, 2 of them image tokens
+
+
+def test_require_names_the_extra():
+    from tokenreduce.core.errors import MissingExtraError, require
+
+    assert require("math", "viz") is None
+    with pytest.raises(MissingExtraError, match=r'no_such_module_ab12 is not installed; .*tokenreduce\[viz\]'):
+        require("no_such_module_ab12", "viz")
+
+
+def test_registered_method_is_created_by_name(monkeypatch):
+    from tokenreduce.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # registered for this test only
+
+    @base.register
+    class Nothing(base.Method):
+        name = "nothing_test"
+
+    assert "nothing_test" in base.method_names()
+    made = create_method("nothing_test", k=3)
+    assert isinstance(made, Nothing) and made.options == {"k": 3}
+
+
+# --- ops on a batch of two ------------------------------------------------------------------------------------
+
+def test_keep_and_unkeep_per_image():
+    from tokenreduce.core.ops import keep, kept_destination, unkeep
+
+    t = torch.arange(12.0).view(2, 3, 2)
+    index = torch.tensor([[2, 0], [1, 2]])
+    kept = keep(t, index)
+    assert kept.tolist() == [[[4.0, 5.0], [0.0, 1.0]], [[8.0, 9.0], [10.0, 11.0]]]
+    back = unkeep(kept * 10, index, torch.zeros(2, 3, 2))
+    assert back.tolist() == [[[0.0, 10.0], [0.0, 0.0], [40.0, 50.0]], [[0.0, 0.0], [80.0, 90.0], [100.0, 110.0]]]
+    assert kept_destination(index, 3).tolist() == [[1, -1, 0], [-1, 0, 1]]
+
+
+# --- diagnostics of a traced pass --------------------------------------------------------------------------------
+
+def test_diagnostics_of_no_states_and_of_states_without_their_records():
+    ppt, gtp = create_method("ppt", r=[1]), create_method("gtp", r=[1], graph="spatial")
+    plain = TokenState(torch.zeros(1, 5, 2), grid=(2, 2))
+    for method in (ppt, gtp):
+        assert method.diagnostics([]) == {}
+        assert method.diagnostics([plain]) == {}
+
+
+def test_gtp_diagnostics_of_one_state_and_of_several():
+    method = create_method("gtp", r=[1, 1], graph="spatial")
+    x = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(0))
+    state = method.begin(TokenState(x, num_prefix=1, grid=(3, 3)), method.plan(10, 1, 2))
+    # 3 x 3 grid: 4 corners * 3 + 4 edges * 5 + centre 8 = 40 directed edges per image.
+    assert method.diagnostics([state]) == {"image_tokens": 9, "graph_edges": 40.0}
+    assert method.diagnostics([TokenState(x), state]) == {"image_tokens": 9, "graph_edges": 40.0}  # the last one
+
+
+def test_gtp_current_graph_per_image():
+    from tokenreduce.methods.gtp import current_graph
+
+    method = create_method("gtp", r=[1], graph="spatial", selection="cls_attn")
+    x = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(0))
+    state = method.begin(TokenState(x, num_prefix=1, grid=(3, 3)), method.plan(10, 1, 1))
+    scores = torch.full((2, 2, 10), 0.5)
+    scores[0, :, 1 + 0] = 0.1  # image 0 removes corner 0, image 1 the centre 4
+    scores[1, :, 1 + 4] = 0.1
+    out = method.reduce(0, state, {"cls_attn": scores}, 1)
+    graph = current_graph(out)
+    # Image 0 keeps tokens 1..8, image 1 tokens 0..3, 5..8: position 0 is token 1 (degree 5) in image 0, token 0
+    # (degree 3) in image 1; position 4 is token 5 (degree 5) in both.
+    assert graph.shape == (2, 8, 8)
+    assert graph[0, 0, 1].item() == pytest.approx(1 / math.sqrt(5 * 3))  # tokens 1 and 2
+    assert graph[0, 0, 4].item() == pytest.approx(1 / math.sqrt(5 * 5))  # tokens 1 and 5
+    assert graph[1, 0, 1].item() == pytest.approx(1 / math.sqrt(3 * 5))  # tokens 0 and 1
+    assert graph[1, 0, 4].item() == 0.0  # tokens 0 and 5 are not neighbours
+    assert graph[1, 3, 4].item() == 0.0  # tokens 3 and 5 are not neighbours either (4 is not in the way)
+
+
+def test_describe_of_gtp_lists_every_option():
+    method = create_method("gtp", r=3, graph="semantic", k=4, alpha=0.5, selection="cls_attn", token_scale=False,
+                           sparsity=0.9, seed=7)
+    options = dict(r=3, graph="semantic", k=4, alpha=0.5, selection="cls_attn", token_scale=False, sparsity=0.9,
+                   seed=7)
+    assert method.describe() == {"method": "gtp", "options": options, **{k: v for k, v in options.items() if k != "r"}}
+
+
+def test_topk_ties_keep_the_earlier_tokens_and_plans_carry_no_notes():
+    # 40 image tokens, every third one attended 1.0, the rest 0.0 (ties): keep 20 = the 14 attended ones and the
+    # first 6 of the others in raster order (the order an unstable sort would not keep at this length).
+    row = [0.0] + [1.0 if i % 3 == 0 else 0.0 for i in range(40)]
+    method = create_method("topk", r=[20], layers=None)
+    plan = method.plan(41, 1, 1)
+    assert plan.notes == ()
+    x = torch.arange(41.0, dtype=torch.float64).view(1, 41, 1)
+    out = method.reduce(0, TokenState(x.clone(), num_prefix=1), cls_stats(row), 20)
+    attended = [i for i in range(40) if i % 3 == 0]
+    others = [i for i in range(40) if i % 3][:6]
+    assert out.x.flatten().tolist() == [0.0] + [1.0 + i for i in sorted(attended + others)]
+
+
+def test_evit_mean_fuse_per_image_in_a_batch_and_keeps_the_feature_dtype():
+    x = torch.cat([X, X * 2]).to(torch.bfloat16)
+    stats = {"cls_attn": torch.tensor([[[0.0625, 0.125, 0.5, 0.0625, 0.25]] * 2,
+                                       [[0.0625, 0.5, 0.25, 0.125, 0.0625]] * 2])}  # image 1 drops 0.125, 0.0625
+    method = create_method("evit", r=[2], layers=None, fuse="mean")
+    out = method.reduce(0, TokenState(x, num_prefix=1, grid=(2, 2)), stats, 2)
+    assert out.x.dtype == torch.bfloat16
+    # Image 0 fuses image tokens 0 (.125) and 2 (.0625): 2/3 x1 + 1/3 x3; image 1 fuses 2 (.125) and 3 (.0625).
+    expected0 = 2 / 3 * X[0, 1] + 1 / 3 * X[0, 3]
+    expected1 = 2 / 3 * X[0, 3] * 2 + 1 / 3 * X[0, 4] * 2
+    torch.testing.assert_close(out.x[0, 3].double(), expected0, rtol=1e-2, atol=0)
+    torch.testing.assert_close(out.x[1, 3].double(), expected1, rtol=1e-2, atol=0)
+
+
+def test_evit_without_prefix_tokens_keeps_the_owner_of_position_zero():
+    # No CLS (a GAP model): the mean of all query rows scores the tokens; token 0 is kept and keeps its patch.
+    x = X[:, 1:].clone()  # 4 image tokens, no prefix
+    state = TokenState(x, num_prefix=0, grid=(2, 2)).tracked()
+    out = create_method("evit", r=[2], layers=None).reduce(0, state, cls_stats([0.5, 0.125, 0.3125, 0.0625]), 2)
+    # drops tokens 1 (.125) and 3 (.0625): .125 * (0, 2) + .0625 * (4, 4)
+    assert out.x.tolist() == [[[1.0, 0.0], [3.0, 1.0], [0.25, 0.5]]]
+    assert out.owner.tolist() == [[0, 2, 1, 2]]
+
+
+def test_gtp_overhead_by_hand():
+    spatial = create_method("gtp", r=[0, 2], graph="spatial")
+    plan = spatial.plan(10, 1, 2)  # 9 image tokens; block 1 propagates 2 into the 7 kept
+    assert spatial.overhead_macs(plan, 4, 2, 1) == (9 - 2) * 2 * (4 + 1)  # features and sizes
+    assert create_method("gtp", r=0).overhead_macs(create_method("gtp", r=0).plan(10, 1, 2), 4, 2, 1) == 0.0
+    mixed = create_method("gtp", r=[2, 2], graph="mixed", k=2, token_scale=False, selection="cls_attn")
+    plan = mixed.plan(10, 1, 2)
+    # semantic graph 9 * 9 * D, then per block (n - prefix - r) * r * D and the CLS row n * D
+    assert mixed.overhead_macs(plan, 4, 2, 1) == 9 * 9 * 4 + (7 * 2 * 4 + 10 * 4) + (5 * 2 * 4 + 8 * 4)
+    sparse = create_method("gtp", r=[2], graph="spatial", selection="cls_attn", sparsity=0.5)
+    assert sparse.overhead_macs(sparse.plan(10, 1, 1), 4, 2, 1) == 7 * 2 * 5  # the full map gives the CLS row
