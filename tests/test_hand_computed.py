@@ -584,3 +584,74 @@ def test_gtp_overhead_by_hand():
     assert mixed.overhead_macs(plan, 4, 2, 1) == 9 * 9 * 4 + (7 * 2 * 4 + 10 * 4) + (5 * 2 * 4 + 8 * 4)
     sparse = create_method("gtp", r=[2], graph="spatial", selection="cls_attn", sparsity=0.5)
     assert sparse.overhead_macs(sparse.plan(10, 1, 1), 4, 2, 1) == 7 * 2 * 5  # the full map gives the CLS row
+
+
+def test_evit_options_and_schedule():
+    evit = create_method("evit")
+    assert evit.prop_attn(0) is False and evit.options["prop_attn"] is False
+    assert create_method("evit", prop_attn=True).prop_attn(0) is True
+    plan = create_method("evit", keep_rate=1.0, layers=(0, 1)).plan(9, 1, 2)  # keeps every token: nothing fused
+    assert plan.amounts == (0, 0) and plan.tokens_out == (9, 9) and plan.notes == ()
+    assert create_method("evit", r=[0, 3], layers=None).plan(9, 1, 2).notes == ()
+    with pytest.raises(ValueError, match="evit: block 1 would remove 7 of its 7 image tokens"):
+        create_method("evit", r=[2, 7], layers=None).plan(9, 1, 2)  # 9 tokens - 2 + 1 = 8: 7 image tokens
+
+
+def test_restore_needs_left_and_keeps_the_feature_dtype():
+    from tokenreduce.core.ops import keep_tokens, restore
+
+    state = TokenState(X.clone(), num_prefix=1, grid=(2, 2))
+    with pytest.raises(ValueError, match="restore needs a state with dense tracking"):
+        restore(state.tracked(dense=False))  # owner but no left
+    tracked = state.tracked(dense=True)
+    tracked = tracked.replace(left_x=tracked.left_x.float())  # recorded in another dtype than the features
+    out = restore(keep_tokens(tracked, torch.tensor([[1, 3]])))
+    assert out.dtype == torch.float64
+    assert out.tolist() == X.tolist()  # the dropped tokens 0 and 2 keep the features they had
+
+
+# --- schedules by hand ----------------------------------------------------------------------------------------
+
+def test_resolve_r_forms_by_hand():
+    from tokenreduce.methods.base import check_count, check_keep_rate, check_layers, resolve_r, validate_r
+
+    assert resolve_r("m", 3, 4, None) == [3, 3, 3, 3]
+    assert resolve_r("m", 3, 4, (1, 3)) == [0, 3, 0, 3]
+    assert resolve_r("m", [1, 2], 4, None) == [1, 2, 0, 0]
+    assert resolve_r("m", (1, 2, 3), 4, None) == [1, 2, 3, 0]  # a 3-tuple is a list, not (r, inflection)
+    assert resolve_r("m", {2: 5, 0: 1}, 4, None) == [1, 0, 5, 0]
+    assert resolve_r("m", 4.0, 2, None) == [4, 4]  # a whole float is accepted as an int
+    # (r, inflection) over the blocks of ``layers`` only: low = int(r (1 - f)), high = 2r - low, linear in between.
+    assert resolve_r("m", (6, 1), 5, (1, 2, 4)) == [0, 0, 6, 0, 12]
+    assert resolve_r("m", (6, -1), 5, (1, 2, 4)) == [0, 12, 6, 0, 0]
+    assert resolve_r("m", (6, 0.5), 3, None) == [3, 6, 9]
+    assert resolve_r("m", (5, 0), 1, None) == [5]  # one block: no division by zero
+    with pytest.raises(ValueError, match=r"m: r\[1\] must be a non-negative integer, got True"):
+        resolve_r("m", (6, True), 2, None)  # a bool is no inflection: a list of two counts, and no count either
+    for bad in (-1, 2.5, "8", None, True):
+        with pytest.raises(ValueError, match="m: r must be a non-negative integer"):
+            resolve_r("m", bad, 2, None)
+    with pytest.raises(ValueError, match=r"m: schedule inflection must be in \[-1, 1\], got 1.5"):
+        resolve_r("m", (6, 1.5), 2, None)
+    with pytest.raises(ValueError, match=r"m: r\[1\] must be a non-negative integer, got -2"):
+        resolve_r("m", [1, -2], 2, None)
+    with pytest.raises(ValueError, match=r"m: r\[3\] must be a non-negative integer, got -2"):
+        resolve_r("m", {3: -2}, 4, None)
+    with pytest.raises(ValueError, match="m: layer 4 is outside the model's blocks 0..3"):
+        resolve_r("m", {4: 1}, 4, None)
+    validate_r("m", {7: 1})  # depth unknown yet: any block of a dict is fine
+    validate_r("m", [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="m: r must be a non-negative integer, got -3"):
+        validate_r("m", -3)
+    with pytest.raises(ValueError, match=r"m: r\[9\] must be a non-negative integer, got -1"):
+        validate_r("m", {9: -1})
+    assert check_count("m", "r", 0) == 0 and check_count("m", "r", 2.0) == 2
+    assert check_keep_rate("m", 1) == 1.0 and check_keep_rate("m", 0.25) == 0.25
+    for bad in (0, 0.0, 1.01, True, "0.5", None):
+        with pytest.raises(ValueError, match="m: keep_rate must be in"):
+            check_keep_rate("m", bad)
+    assert check_layers("m", None, 4) is None and check_layers("m", 2, 4) == (2,)
+    assert check_layers("m", [3, 1, 3], 4) == (1, 3)  # sorted, once each
+    for bad in (-1, 4, True, 1.0):
+        with pytest.raises(ValueError, match="m: layer .* is outside the model's blocks 0..3"):
+            check_layers("m", [bad], 4)
