@@ -374,6 +374,12 @@ def test_built_model_report_and_block_costs_by_hand():
     embed, head = 6 * 3 * 2 * 3 * 4, 40
     full = (2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) + 2 * 7 * 4 * 8
     assert report.method == "stvit" and report.notes == ("n",) and report.img_size == (4, 9)
+    assert report.blocks == blocks
+    # exact: GMACs are MACs / 1e9
+    assert blocks[1].attn_gmacs == 300 / 1e9 and blocks[1].mlp_gmacs == 400 / 1e9
+    assert report.gmacs == (embed + head) / 1e9 + (1000 / 1e9 + 2000 / 1e9) + (300 / 1e9 + 400 / 1e9)
+    assert report.overhead_gmacs == 50 / 1e9 and report.baseline_gmacs == (embed + head + 3 * full) / 1e9
+    assert report.embed_gmacs == embed / 1e9 and report.head_gmacs == head / 1e9
     assert report.gmacs * 1e9 == pytest.approx(embed + head + 3700)
     assert report.baseline_gmacs * 1e9 == pytest.approx(embed + head + 3 * full)
     assert report.overhead_gmacs * 1e9 == pytest.approx(50)
@@ -402,7 +408,10 @@ def test_swin_counter_by_hand():
     assert counter.blocks[1].gmacs * 1e9 == pytest.approx(sum(stage1))
     total = counter.embed + counter.head + counter.other + sum(stage0) + sum(stage1)
     assert counter.gmacs * 1e9 == pytest.approx(total)
+    assert counter.blocks[0].attn_gmacs == stage0[0] / 1e9 and counter.blocks[0].mlp_gmacs == stage0[1] / 1e9
     report = counter.report("x", (32, 32), baseline_gmacs=1.0, overhead_macs=30, notes=("a",))
+    assert report.overhead_gmacs == 30 / 1e9 and report.embed_gmacs == counter.embed / 1e9
+    assert report.head_gmacs == 80 / 1e9
     assert report.gmacs == counter.gmacs and report.overhead_gmacs * 1e9 == pytest.approx(30)
     assert report.embed_gmacs * 1e9 == pytest.approx(counter.embed) and report.head_gmacs * 1e9 == pytest.approx(80)
     assert report.blocks == counter.blocks and report.notes == ("a",) and report.baseline_gmacs == 1.0
@@ -552,13 +561,14 @@ def test_topk_ties_keep_the_earlier_tokens_and_plans_carry_no_notes():
 def test_evit_mean_fuse_per_image_in_a_batch_and_keeps_the_feature_dtype():
     x = torch.cat([X, X * 2]).to(torch.bfloat16)
     stats = {"cls_attn": torch.tensor([[[0.0625, 0.125, 0.5, 0.0625, 0.25]] * 2,
-                                       [[0.0625, 0.5, 0.25, 0.125, 0.0625]] * 2])}  # image 1 drops 0.125, 0.0625
+                                       [[0.0625, 0.5, 0.375, 0.25, 0.0625]] * 2])}  # image 1 drops .25, .0625
     method = create_method("evit", r=[2], layers=None, fuse="mean")
     out = method.reduce(0, TokenState(x, num_prefix=1, grid=(2, 2)), stats, 2)
     assert out.x.dtype == torch.bfloat16
-    # Image 0 fuses image tokens 0 (.125) and 2 (.0625): 2/3 x1 + 1/3 x3; image 1 fuses 2 (.125) and 3 (.0625).
+    # Image 0 fuses image tokens 0 (.125) and 2 (.0625): 2/3 x1 + 1/3 x3; image 1 fuses 2 (.25) and 3 (.0625):
+    # .8 x3 + .2 x4 (each image's weights renormalised by its own sum).
     expected0 = 2 / 3 * X[0, 1] + 1 / 3 * X[0, 3]
-    expected1 = 2 / 3 * X[0, 3] * 2 + 1 / 3 * X[0, 4] * 2
+    expected1 = 0.8 * X[0, 3] * 2 + 0.2 * X[0, 4] * 2
     torch.testing.assert_close(out.x[0, 3].double(), expected0, rtol=1e-2, atol=0)
     torch.testing.assert_close(out.x[1, 3].double(), expected1, rtol=1e-2, atol=0)
 
@@ -655,3 +665,60 @@ def test_resolve_r_forms_by_hand():
     for bad in (-1, 4, True, 1.0):
         with pytest.raises(ValueError, match="m: layer .* is outside the model's blocks 0..3"):
             check_layers("m", [bad], 4)
+
+
+def test_evit_without_prefix_tokens_fuses_the_token_at_position_zero():
+    x = X[:, 1:].clone()
+    state = TokenState(x, num_prefix=0, grid=(2, 2)).tracked()
+    out = create_method("evit", r=[2], layers=None).reduce(0, state, cls_stats([0.0625, 0.5, 0.3125, 0.125]), 2)
+    # drops tokens 0 (.0625) and 3 (.125): kept 1, 2; fused .0625 * (1, 0) + .125 * (4, 4) at position 2
+    assert out.x.tolist() == [[[0.0, 2.0], [3.0, 1.0], [0.5625, 0.5]]]
+    assert out.owner.tolist() == [[2, 0, 1, 2]]
+
+
+def test_swin_counter_on_a_non_square_grid_with_three_stages_and_no_head():
+    import timm
+
+    from tokenreduce.core.cost import SwinCounter
+
+    # 32 x 48 px in 4 x 2 patches: an 8 x 24 grid, merged to 4 x 12 and 2 x 6; widths 8, 16, 32; no classifier.
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(32, 48), patch_size=(4, 2),
+                              embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 1), window_size=2, num_classes=0)
+    counter = SwinCounter(model).stages()
+    assert counter.embed == 8 * 24 * 3 * 4 * 2 * 8 and counter.head == 0
+    assert counter.other == 4 * 12 * 32 * 16 + 2 * 6 * 64 * 32
+    assert [b.tokens_in for b in counter.blocks] == [192, 48, 12]
+
+    def attention(n: int, dim: int) -> int:  # n queries in 2 x 2 windows (4 keys each)
+        return 4 * n * dim * dim + 2 * n * 4 * dim
+
+    expected = [attention(192, 8) + 2 * 192 * 8 * 32, attention(48, 16) + 2 * 48 * 16 * 64,
+                attention(12, 32) + 2 * 12 * 32 * 128]
+    assert [round(b.gmacs * 1e9) for b in counter.blocks] == expected
+
+
+def test_semantic_graph_accepts_one_neighbour_and_refuses_all():
+    from tokenreduce.methods.gtp import semantic_adjacency
+
+    tokens = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
+    assert semantic_adjacency(tokens, 1).long().tolist() == [[[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1],
+                                                              [0, 0, 1, 0]]]
+    assert semantic_adjacency(tokens, 3).sum().item() == 12  # every other token
+    for k in (0, 4):
+        with pytest.raises(ValueError, match=f"gtp: the semantic graph needs 1 <= k < 4 image tokens, got k={k}"):
+            semantic_adjacency(tokens, k)
+
+
+def test_ppt_and_tome_overhead_by_hand_on_odd_and_even_token_counts():
+    ppt = create_method("ppt", r=[2, 2], threshold=1e-3)
+    plan = ppt.plan(10, 1, 2)  # blocks entered by 10 and 8 tokens
+    assert plan.tokens_in == (10, 8)
+    # score row n * D, similarity ceil(n/2) * floor(n/2) * head_dim (D = 6, 2 heads: head_dim 3)
+    assert ppt.overhead_macs(plan, 6, 2, 1) == (10 * 6 + 5 * 5 * 3) + (8 * 6 + 4 * 4 * 3)
+    plan = ppt.plan(11, 1, 2)  # 11 and 9: odd
+    assert ppt.overhead_macs(plan, 6, 2, 1) == (11 * 6 + 6 * 5 * 3) + (9 * 6 + 5 * 4 * 3)
+    assert create_method("ppt", r=[2], threshold=0.0).overhead_macs(plan, 6, 2, 1) == (11 + 9) * 6  # prunes only
+    assert create_method("ppt", r=[2], threshold=math.inf).overhead_macs(plan, 6, 2, 1) == (30 + 20) * 3  # pools
+    tome = create_method("tome", r=[2, 0, 2])
+    plan = tome.plan(11, 1, 3)
+    assert tome.overhead_macs(plan, 6, 2, 1) == 6 * 5 * 3 + 4 * 3 * 3  # blocks entered by 11 and 7 tokens
