@@ -721,4 +721,4 @@ def test_ppt_and_tome_overhead_by_hand_on_odd_and_even_token_counts():
     assert create_method("ppt", r=[2], threshold=math.inf).overhead_macs(plan, 6, 2, 1) == (30 + 20) * 3  # pools
     tome = create_method("tome", r=[2, 0, 2])
     plan = tome.plan(11, 1, 3)
-    assert tome.overhead_macs(plan, 6, 2, 1) == 6 * 5 * 3 + 4 * 3 * 3  # blocks entered by 11 and 7 tokens
+    assert tome.overhead_macs(plan, 6, 2, 1) == 6 * 5 * 3 + 5 * 4 * 3  # blocks 0 and 2, entered by 11 and 9 tokens
