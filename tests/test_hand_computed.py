@@ -722,3 +722,76 @@ def test_ppt_and_tome_overhead_by_hand_on_odd_and_even_token_counts():
     tome = create_method("tome", r=[2, 0, 2])
     plan = tome.plan(11, 1, 3)
     assert tome.overhead_macs(plan, 6, 2, 1) == 6 * 5 * 3 + 5 * 4 * 3  # blocks 0 and 2, entered by 11 and 9 tokens
+
+
+# --- GTP: the spatial graph computed afresh, the selections by hand ----------------------------------------
+
+def _flush_spatial_cache() -> None:
+    """Build more grids than the bounded cache holds, so the next grid is computed, not read from the cache (a
+    test process may have cached every grid of the other tests already)."""
+    from tokenreduce.methods.gtp import MAX_CACHED_GRIDS, spatial_graph
+
+    for width in range(101, 102 + MAX_CACHED_GRIDS):
+        spatial_graph((1, width))
+
+
+def test_spatial_graph_computed_afresh_on_a_non_square_grid():
+    from tokenreduce.methods.gtp import spatial_adjacency, spatial_graph
+
+    _flush_spatial_cache()
+    adjacency = spatial_adjacency((2, 3))  # 0 1 2 / 3 4 5
+    expected = {0: {1, 3, 4}, 1: {0, 2, 3, 4, 5}, 2: {1, 4, 5}, 3: {0, 1, 4}, 4: {0, 1, 2, 3, 5}, 5: {1, 2, 4}}
+    assert adjacency.tolist() == [[j in expected[i] for j in range(6)] for i in range(6)]
+    _flush_spatial_cache()
+    graph = spatial_graph((3, 2))  # 0 1 / 2 3 / 4 5: degrees 3, 3, 5, 5, 3, 3
+    assert graph.dtype == torch.float32 and graph.shape == (6, 6)
+    assert graph[0, 1].item() == pytest.approx(1 / 3) and graph[0, 2].item() == pytest.approx(1 / math.sqrt(15))
+    assert graph[2, 3].item() == pytest.approx(1 / 5) and graph[0, 4].item() == 0.0 and graph[0, 0].item() == 0.0
+    assert spatial_graph((3, 2)) is graph  # cached once computed
+
+
+def test_gtp_trains_with_a_graph_first_built_under_inference_mode():
+    _flush_spatial_cache()
+    method = create_method("gtp", r=[1], graph="spatial", selection="cls_attn")
+    plan = method.plan(7, 1, 1)
+    x = torch.randn(1, 7, 3)
+    with torch.inference_mode():
+        method.begin(TokenState(x.clone(), num_prefix=1, grid=(2, 3)), plan)  # caches the 2 x 3 graph
+    leaf = x.clone().requires_grad_()
+    state = method.begin(TokenState(leaf * 1.0, num_prefix=1, grid=(2, 3)), plan)
+    out = method.reduce(0, state, cls_stats([0.5, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5]), 1)
+    out.x.sum().backward()
+    # Image token 0 (corner, degree 3) goes; its neighbours 1, 3 (degree 5), 4 (degree 3) each get 0.1 * G of it.
+    grad = leaf.grad[0, 1].tolist()
+    assert grad == pytest.approx([0.1 * (2 / math.sqrt(15) + 1 / 3)] * 3)
+
+
+def test_gtp_selection_scores_by_hand():
+    from tokenreduce.methods.gtp import selection_scores
+
+    head0 = [[0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.5, 0.2, 0.1, 0.1], [0.3, 0.3, 0.1, 0.2, 0.1],
+             [0.2, 0.1, 0.1, 0.4, 0.2], [0.2, 0.2, 0.2, 0.1, 0.3]]
+    head1 = [[0.6, 0.1, 0.1, 0.1, 0.1], [0.4, 0.2, 0.2, 0.1, 0.1], [0.3, 0.1, 0.3, 0.2, 0.1],
+             [0.5, 0.1, 0.2, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.6]]
+    stats = {"attn": torch.tensor([[head0, head1]], dtype=torch.float64)}
+    # image tokens: diagonals (.5 .1 .4 .3) and (.2 .3 .1 .6); column sums (1.3 .8 1.0 .9) and (.6 .9 .6 1.0)
+    expected = {"diag": [0.5, 0.3, 0.4, 0.6], "col_sum": [1.3, 0.9, 1.0, 1.0],
+                "mixed_attn_max": [0.65, 0.27, 0.4, 0.6],
+                "mixed_attn_mean": [0.35 * 0.95, 0.2 * 0.85, 0.25 * 0.8, 0.45 * 0.95]}
+    for selection, values in expected.items():
+        got = selection_scores(selection, stats, 1, 5)
+        torch.testing.assert_close(got, torch.tensor([values], dtype=torch.float64), rtol=0, atol=1e-12)
+    cls = {"cls_attn": torch.tensor([[[0.3, 0.1, 0.2, 0.3, 0.4], [0.5, 0.3, 0.2, 0.1, 0.0]]])}
+    torch.testing.assert_close(selection_scores("cls_attn", cls, 1, 5), torch.tensor([[0.2, 0.2, 0.2, 0.2]]))
+
+
+def test_gtp_random_selection_is_a_fixed_stream_per_seed_and_block():
+    from tokenreduce.methods.gtp import selection_scores
+
+    first = selection_scores("random", {}, 1, 6)
+    assert first.shape == (1, 5) and first.device.type == "cpu"
+    assert torch.equal(first, selection_scores("random", {}, 1, 6, "cpu", 0, 0))  # the defaults: block 0, seed 0
+    # The stream of (seed, block) is generator seed ``seed * 1_000_003 + block``: the same tokens in every release.
+    for seed, block in ((0, 2), (3, 1)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        assert torch.equal(selection_scores("random", {}, 1, 6, "cpu", block, seed), torch.rand(1, 5, generator=generator))
