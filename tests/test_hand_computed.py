@@ -796,3 +796,28 @@ def test_gtp_random_selection_is_a_fixed_stream_per_seed_and_block():
         generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
         expected = torch.rand(1, 5, generator=generator)
         assert torch.equal(selection_scores("random", {}, 1, 6, "cpu", block, seed), expected)
+
+
+def test_gtp_random_selection_through_reduce_uses_seed_and_block():
+    from tokenreduce.methods.gtp import selection_scores
+
+    method = create_method("gtp", r=[0, 2], graph="spatial", selection="random", seed=3)
+    plan = method.plan(10, 1, 2)
+    state = TokenState(torch.arange(10.0).view(1, 10, 1), num_prefix=1, grid=(3, 3)).tracked(dense=True)
+    out = method.reduce(1, method.begin(state, plan), {}, 2)
+    lowest = selection_scores("random", {}, 1, 10, "cpu", 1, 3).argsort(dim=-1)[0, :2]  # block 1, seed 3
+    assert out.left[0].nonzero().flatten().tolist() == sorted(lowest.tolist())
+
+
+def test_gtp_ties_drop_the_earlier_tokens_and_sizes_pass_through_without_token_scale():
+    # 40 image tokens (5 x 8 grid), scores 0 or 1 (ties): the 10 lowest are the first 10 zero-score tokens.
+    row = [0.5] + [1.0 if i % 3 == 0 else 0.0 for i in range(40)]
+    method = create_method("gtp", r=[10], graph="spatial", selection="cls_attn", token_scale=False)
+    plan = method.plan(41, 1, 1)
+    x = torch.zeros(1, 41, 1)
+    size = torch.arange(1.0, 42.0).view(1, 41, 1)
+    state = method.begin(TokenState(x, size=size, num_prefix=1, grid=(5, 8)), plan)
+    out = method.reduce(0, state, cls_stats(row), 10)
+    gone = [i for i in range(40) if i % 3][:10]
+    kept = [i for i in range(40) if i not in gone]
+    assert out.size.flatten().tolist() == [1.0] + [2.0 + i for i in kept]  # the kept sizes, unchanged
