@@ -821,3 +821,20 @@ def test_gtp_ties_drop_the_earlier_tokens_and_sizes_pass_through_without_token_s
     gone = [i for i in range(40) if i % 3][:10]
     kept = [i for i in range(40) if i not in gone]
     assert out.size.flatten().tolist() == [1.0] + [2.0 + i for i in kept]  # the kept sizes, unchanged
+
+
+def test_gtp_build_graph_defaults_and_float64_sizes():
+    from tokenreduce.methods.gtp import build_graph
+
+    tokens = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(build_graph(tokens, (4, 4)), build_graph(tokens, (4, 4), "mixed", 8))
+    assert not torch.equal(build_graph(tokens, (4, 4)), build_graph(tokens, (4, 4), "mixed", 9))
+    # Sizes kept in float64 stay float64 and receive alpha * G * size of the propagated token.
+    method = create_method("gtp", r=[1], graph="spatial", selection="cls_attn", alpha=0.5)
+    plan = method.plan(5, 1, 1)
+    size = torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0]]], dtype=torch.float64)
+    state = method.begin(TokenState(X.clone(), size=size, num_prefix=1, grid=(2, 2)), plan)
+    out = method.reduce(0, state, cls_stats([0.5, 0.5, 0.125, 0.5, 0.5]), 1)  # image token 1 goes
+    # 2 x 2 grid: every token has degree 3, G = 1/3 between all pairs; token 1 (size 3) spreads .5/3 * 3 = .5.
+    assert out.size.dtype == torch.float64
+    torch.testing.assert_close(out.size.flatten(), torch.tensor([1.0, 2.5, 4.5, 5.5], dtype=torch.float64))
