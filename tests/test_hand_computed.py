@@ -838,3 +838,24 @@ def test_gtp_build_graph_defaults_and_float64_sizes():
     # 2 x 2 grid: every token has degree 3, G = 1/3 between all pairs; token 1 (size 3) spreads .5/3 * 3 = .5.
     assert out.size.dtype == torch.float64
     torch.testing.assert_close(out.size.flatten(), torch.tensor([1.0, 2.5, 4.5, 5.5], dtype=torch.float64))
+
+
+def test_each_method_asks_only_for_the_statistics_it_reads_and_only_where_it_reduces():
+    cases = {
+        ("tome", ()): {"metric"},
+        ("topk", ()): {"cls_attn"},
+        ("evit", ()): {"cls_attn"},
+        ("ppt", (("threshold", 1e-3),)): {"cls_attn", "value_norm", "metric"},
+        ("ppt", (("threshold", 0.0),)): {"cls_attn", "value_norm"},
+        ("ppt", (("threshold", math.inf),)): {"metric"},
+        ("gtp", (("selection", "cls_attn"),)): {"cls_attn"},
+        ("gtp", (("selection", "random"),)): set(),
+        ("gtp", (("selection", "mixed_attn_max"),)): {"attn"},
+        ("gtp", (("selection", "diag"),)): {"attn"},
+    }
+    for (name, options), needed in cases.items():
+        method = create_method(name, r=[0, 2], **({"layers": None} if name in ("topk", "evit") else {}),
+                               **dict(options))
+        plan = method.plan(10, 1, 2)
+        assert method.needs(0, plan) == frozenset(), name  # block 0 removes nothing
+        assert method.needs(1, plan) == frozenset(needed), (name, options)
