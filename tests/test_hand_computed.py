@@ -859,3 +859,13 @@ def test_each_method_asks_only_for_the_statistics_it_reads_and_only_where_it_red
         plan = method.plan(10, 1, 2)
         assert method.needs(0, plan) == frozenset(), name  # block 0 removes nothing
         assert method.needs(1, plan) == frozenset(needed), (name, options)
+
+
+def test_gtp_current_graph_right_after_begin_is_the_whole_graph_per_image():
+    from tokenreduce.methods.gtp import GRAPH_KEY, current_graph
+
+    method = create_method("gtp", r=[1], graph="mixed", k=1)
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1))
+    state = method.begin(TokenState(x, num_prefix=1, grid=(2, 2)), method.plan(5, 1, 1))
+    graph = current_graph(state)
+    assert graph.shape == (2, 4, 4) and torch.equal(graph, state.extras[GRAPH_KEY])
