@@ -6,8 +6,9 @@ Run from the repository root after ``mutmut run``:
 
     python reports/mutation/summarise.py [--label after] [--seconds 2940]
 
-Score: killed (timeouts count as killed, as mutmut counts them) over all mutants except the equivalent ones;
-"no tests" mutants (no test of the selection reaches the function) count as not killed.
+Score: killed (timeouts count as killed, as mutmut counts them) over all mutants except the equivalent ones and
+those not checked (an interrupted run); "no tests" mutants (no test of the selection reaches the function) count as
+not killed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--label", default="after", help="file name suffix: before / after")
     parser.add_argument("--seconds", type=float, default=None, help="wall time of the run, for the record")
+    parser.add_argument("--note", default="", help="a line on how the run was made (selection, partial run)")
+    parser.add_argument("--commit", default=None, help="the commit the run tested (default: HEAD)")
     args = parser.parse_args()
     equivalent = json.loads((HERE / "equivalent.json").read_text()) if (HERE / "equivalent.json").exists() else {}
 
@@ -61,10 +64,10 @@ def main() -> None:
         total.update(counts)
 
     def rate(c: Counter) -> float:
-        relevant = sum(c.values()) - c["equivalent"] - c["skipped"]
+        relevant = sum(c.values()) - c["equivalent"] - c["skipped"] - c["not checked"]
         return (c["killed"] + c["timeout"]) / relevant if relevant else 1.0
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "src", "tests"], capture_output=True,
                                 text=True).stdout.strip())
     record = {
@@ -73,6 +76,7 @@ def main() -> None:
         "uncommitted_changes_in_src_or_tests": dirty,
         "tool": "mutmut " + importlib.metadata.version("mutmut"),
         "run_seconds": args.seconds,
+        "note": args.note,
         "totals": dict(total),
         "non_equivalent_kill_rate": rate(total),
         "per_file": {f: {**dict(c), "non_equivalent_kill_rate": rate(c)} for f, c in sorted(per_file.items())},
@@ -84,6 +88,7 @@ def main() -> None:
     lines = [f"# Mutation score ({args.label})", "",
              f"{record['date']}, commit {commit[:10]}{' + uncommitted tests' if dirty else ''}, {record['tool']}"
              + (f", run {args.seconds / 60:.0f} min" if args.seconds else ""), "",
+             *([args.note, ""] if args.note else []),
              "| file | " + " | ".join(cols) + " | non-equivalent killed |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for f, c in sorted(per_file.items()):
