@@ -869,3 +869,19 @@ def test_gtp_current_graph_right_after_begin_is_the_whole_graph_per_image():
     state = method.begin(TokenState(x, num_prefix=1, grid=(2, 2)), method.plan(5, 1, 1))
     graph = current_graph(state)
     assert graph.shape == (2, 4, 4) and torch.equal(graph, state.extras[GRAPH_KEY])
+
+
+def test_merge_and_unmerge_with_four_prefix_tokens_by_hand():
+    from tokenreduce.core.ops import bipartite_match, merge, merge_destination, unmerge
+
+    # 4 prefix tokens (registers) + 6 image tokens. A = positions 0 2 4 6 8, B = 1 3 5 7 9; prefix: A 0 2, B 1 3.
+    # Image A tokens 4, 6, 8 are most similar to B tokens 5, 7, 9 by construction; r = 2 merges the two closest.
+    metric = torch.tensor([[[1.0, 0.0]] * 4 + [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0],
+                                                [-1.0, 1.0]]])
+    m = bipartite_match(metric, 2, 4)
+    assert (m.src.tolist(), m.dst.tolist(), m.stay.tolist()) == ([[2, 3]], [[2, 3]], [[4]])
+    t = torch.arange(10.0).view(1, 10, 1)
+    merged = merge(t, m)  # prefix 0 1 2 3, the A token that stays (8), then B: 5 + 4, 7 + 6, 9
+    assert merged.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 13.0, 9.0]
+    assert merge_destination(m).tolist() == [[0, 1, 2, 3, 5, 5, 6, 6, 4, 7]]
+    assert unmerge(merged, m).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 9.0, 9.0, 13.0, 13.0, 8.0, 9.0]
