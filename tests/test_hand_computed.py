@@ -885,3 +885,31 @@ def test_merge_and_unmerge_with_four_prefix_tokens_by_hand():
     assert merged.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 13.0, 9.0]
     assert merge_destination(m).tolist() == [[0, 1, 2, 3, 5, 5, 6, 6, 4, 7]]
     assert unmerge(merged, m).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 9.0, 9.0, 13.0, 13.0, 8.0, 9.0]
+
+
+def test_ppt_policy_records_per_image_and_ties_keep_the_earlier_tokens():
+    from tokenreduce.methods.ppt import POLICY_KEY
+
+    x = torch.arange(3.0).view(1, 3, 1).expand(2, -1, -1).clone()
+    stats = {name: torch.cat([t, t]) for name, t in PPT_STATS.items()}
+    for threshold, pooled in ((math.inf, True), (0.0, False), (0.1, False)):
+        out = create_method("ppt", r=[1], threshold=threshold).reduce(0, TokenState(x, num_prefix=1), stats, 1)
+        policy = out.extras[f"{POLICY_KEY}0"]
+        assert policy.dtype == torch.bool and policy.tolist() == [pooled, pooled], threshold
+    # Pruning 40 image tokens with tied scores (1 or 0) keeps the highest first, ties in raster order.
+    value_norm = torch.tensor([[1.0] + [1.0 if i % 3 == 0 else 0.5 for i in range(40)]])
+    stats = {"cls_attn": torch.full((1, 1, 41), 1 / 41), "value_norm": value_norm}
+    x = torch.arange(41.0).view(1, 41, 1)
+    out = create_method("ppt", r=[20], threshold=0.0).reduce(0, TokenState(x, num_prefix=1), stats, 20)
+    kept = [i for i in range(40) if i % 3 == 0] + [i for i in range(40) if i % 3][:6]
+    assert out.x.flatten().tolist() == [0.0] + [1.0 + i for i in kept]
+
+
+def test_tome_and_gtp_plans_name_the_method_and_note_only_clamps():
+    # 9 image tokens: r = 4 fits; then 6 tokens, 5 image: r = 5 is clamped to 2
+    assert create_method("tome", r=[4, 5]).plan(10, 1, 2).notes == ("block 1: r=5 clamped to 2 (6 tokens)",)
+    assert create_method("tome", r=[4, 0]).plan(10, 1, 2).notes == ()
+    assert create_method("tome", r=[4]).plan(10, 1, 1).notes == ()  # r == the limit: no clamp, no note
+    assert create_method("tome", r=[5]).plan(10, 1, 1).notes == ("block 0: r=5 clamped to 4 (10 tokens)",)
+    with pytest.raises(ValueError, match="^gtp: r lists 5 blocks but the model has 4"):
+        create_method("gtp", r=[1, 1, 1, 1, 1]).plan(10, 1, 4)
