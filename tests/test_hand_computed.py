@@ -913,3 +913,13 @@ def test_tome_and_gtp_plans_name_the_method_and_note_only_clamps():
     assert create_method("tome", r=[5]).plan(10, 1, 1).notes == ("block 0: r=5 clamped to 4 (10 tokens)",)
     with pytest.raises(ValueError, match="^gtp: r lists 5 blocks but the model has 4"):
         create_method("gtp", r=[1, 1, 1, 1, 1]).plan(10, 1, 4)
+
+
+def test_ppt_mixed_batch_records_departures_of_the_pruning_image_only():
+    stats = {name: torch.cat([t, t]) for name, t in PPT_STATS.items()}
+    stats["value_norm"][1] = torch.tensor([7.0, 1.0, 1.0])  # image 1: flat scores, pools
+    state = TokenState(torch.cat([PPT_X, PPT_X]), num_prefix=1).tracked(dense=True)
+    out = create_method("ppt", r=[1], threshold=0.1).reduce(0, state, stats, 1)
+    assert out.left.tolist() == [[True, False], [False, False]]  # image 0 pruned image token 0 (feature 2)
+    assert out.left_x[0, 0].tolist() == [2.0]
+    assert out.owner.tolist() == [[-1, 1], [1, 1]]
