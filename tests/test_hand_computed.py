@@ -923,3 +923,10 @@ def test_ppt_mixed_batch_records_departures_of_the_pruning_image_only():
     assert out.left.tolist() == [[True, False], [False, False]]  # image 0 pruned image token 0 (feature 2)
     assert out.left_x[0, 0].tolist() == [2.0]
     assert out.owner.tolist() == [[-1, 1], [1, 1]]
+
+
+def test_topk_and_evit_step_with_nothing_requested_remove_nothing():
+    for name in ("topk", "evit"):
+        method = create_method(name, keep_rate=0.5)
+        assert method.step(0, 9, 1, 0) == (0, 9, "")  # amount 0: nothing, whatever the keep rate
+        assert method.step(0, 9, 1, -1)[:2] == ((4, 5) if name == "topk" else (4, 6))  # -1: the keep rate's count
