@@ -930,3 +930,38 @@ def test_topk_and_evit_step_with_nothing_requested_remove_nothing():
         method = create_method(name, keep_rate=0.5)
         assert method.step(0, 9, 1, 0) == (0, 9, "")  # amount 0: nothing, whatever the keep rate
         assert method.step(0, 9, 1, -1)[:2] == ((4, 5) if name == "topk" else (4, 6))  # -1: the keep rate's count
+
+
+def test_record_departures_without_prefix_and_in_the_recorded_dtype():
+    from tokenreduce.core.ops import record_departures
+
+    state = TokenState(torch.tensor([[[5.0], [6.0], [7.0]]], dtype=torch.float64), num_prefix=0).tracked(dense=True)
+    state = state.replace(left_x=state.left_x.float())
+    out = record_departures(state, torch.tensor([[True, False, True]]))  # the tokens at positions 0 and 2 leave
+    assert out.left.tolist() == [[True, False, True]]
+    assert out.left_x.dtype == torch.float32 and out.left_x.flatten().tolist() == [5.0, 0.0, 7.0]
+    again = record_departures(out.replace(x=out.x * 10), torch.tensor([[True, True, True]]))
+    assert again.left_x.flatten().tolist() == [5.0, 60.0, 7.0]  # a patch keeps the feature of its first departure
+
+
+def test_option_defaults_and_checks_of_topk_and_gtp():
+    topk = create_method("topk")
+    assert topk.options == {"keep_rate": 0.7, "r": None, "layers": (3, 6, 9), "prop_attn": False}
+    assert topk.prop_attn(0) is False and create_method("topk", prop_attn=True).prop_attn(0) is True
+    assert create_method("topk", r=2, layers=(1,)).options == {"keep_rate": None, "r": 2, "layers": (1,),
+                                                               "prop_attn": False}
+    assert create_method("topk", keep_rate=0.5, layers=(1,)).plan(9, 1, 3).amounts == (0, 4, 0)
+    with pytest.raises(ValueError, match="^topk: r lists 5 blocks but the model has 4"):
+        create_method("topk", r=[1, 1, 1, 1, 1], layers=None).plan(10, 1, 4)
+    gtp = create_method("gtp")
+    assert gtp.options == {"r": 8, "graph": "mixed", "k": 8, "alpha": 0.1, "selection": "mixed_attn_max",
+                           "token_scale": True, "sparsity": 1.0, "seed": 0}
+    assert create_method("gtp", k=1).k == 1 and create_method("gtp", alpha=1).alpha == 1.0
+    for options, message in ((dict(r=-1), "^gtp: r must be a non-negative integer, got -1"),
+                             (dict(k=True), "^gtp: k .semantic neighbours. must be an integer >= 1, got True"),
+                             (dict(k=0), "^gtp: k .semantic neighbours. must be an integer >= 1, got 0"),
+                             (dict(alpha=True), r"^gtp: alpha must be in \(0, 1\], got True"),
+                             (dict(sparsity=0.0), r"^gtp: sparsity must be in \(0, 1\], got 0.0"),
+                             (dict(seed=True), "^gtp: seed must be an integer, got True")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            create_method("gtp", **options)
