@@ -965,3 +965,14 @@ def test_option_defaults_and_checks_of_topk_and_gtp():
                              (dict(seed=True), "^gtp: seed must be an integer, got True")):
         with pytest.raises((ValueError, TypeError), match=message):
             create_method("gtp", **options)
+
+
+def test_tome_options_and_layers():
+    assert create_method("tome").options == {"r": 8, "layers": None, "prop_attn": True}
+    tome = create_method("tome", r=2, layers=(1, 3), prop_attn=False)
+    assert tome.options == {"r": 2, "layers": (1, 3), "prop_attn": False} and tome.prop_attn(0) is False
+    assert tome.amounts(4) == [0, 2, 0, 2]
+    with pytest.raises(ValueError, match="^tome: layer 5 is outside the model's blocks 0..3"):
+        create_method("tome", r=2, layers=(5,)).amounts(4)
+    with pytest.raises(ValueError, match="^topk: r must be a non-negative integer, got -1"):
+        create_method("topk", r=-1)
