@@ -976,3 +976,41 @@ def test_tome_options_and_layers():
         create_method("tome", r=2, layers=(5,)).amounts(4)
     with pytest.raises(ValueError, match="^topk: r must be a non-negative integer, got -1"):
         create_method("topk", r=-1)
+
+
+# --- ToMe's matching and merge by hand -------------------------------------------------------------------------
+
+def test_bipartite_match_uses_cosine_not_dot_product_and_no_prefix_means_every_token():
+    from tokenreduce.core.ops import bipartite_match
+
+    # A = positions 0 2, B = 1 3. A0 = (10, 0) is long; A1 = (1, 1) points exactly at B1 = (2, 2).
+    # Cosine: A1-B1 = 1 beats A0-B0 (.8); a dot product would pick A0 (10 * 4 = 40 against 4).
+    metric = torch.tensor([[[10.0, 0.0], [4.0, 3.0], [1.0, 1.0], [2.0, 2.0]]])
+    m = bipartite_match(metric, 1, 0)
+    assert (m.src.tolist(), m.dst.tolist(), m.stay.tolist()) == ([[1]], [[1]], [[0]])
+    # No prefix: the first A token can merge too (here it is the best match).
+    metric = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.2]]])
+    m = bipartite_match(metric, 1, 0)
+    assert (m.src.tolist(), m.dst.tolist(), m.stay.tolist()) == ([[0]], [[0]], [[1]])
+
+
+def test_bipartite_match_ties_merge_the_earlier_a_tokens():
+    from tokenreduce.core.ops import bipartite_match
+
+    metric = torch.ones(1, 161, 2)  # CLS + 160 identical tokens: every A token matches B token 0 with score 1
+    m = bipartite_match(metric, 30, 1)
+    assert m.src.tolist() == [list(range(1, 31))] and m.dst.tolist() == [[0] * 30]
+    assert m.stay.tolist() == [list(range(31, 81))]
+
+
+def test_bipartite_merge_of_zero_is_the_state_and_keeps_the_feature_dtype():
+    from tokenreduce.core.ops import bipartite_merge, keep_tokens
+
+    state = TokenState(X.clone().to(torch.bfloat16), num_prefix=1)
+    assert bipartite_merge(state, torch.randn(1, 5, 2), 0) is state
+    merged = bipartite_merge(state, torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]]), 1)
+    assert merged.x.dtype == torch.bfloat16 and merged.size.dtype == torch.float32
+    # No prefix: keep_tokens keeps the patch of the token that lands at position 0.
+    plain = TokenState(X[:, 1:].clone(), num_prefix=0).tracked(dense=True)
+    kept = keep_tokens(plain, torch.tensor([[2, 0]]))
+    assert kept.left.tolist() == [[False, True, False, True]] and kept.owner.tolist() == [[1, -1, 0, -1]]
