@@ -1014,3 +1014,12 @@ def test_bipartite_merge_of_zero_is_the_state_and_keeps_the_feature_dtype():
     plain = TokenState(X[:, 1:].clone(), num_prefix=0).tracked(dense=True)
     kept = keep_tokens(plain, torch.tensor([[2, 0]]))
     assert kept.left.tolist() == [[False, True, False, True]] and kept.owner.tolist() == [[1, -1, 0, -1]]
+
+
+def test_ppt_schedule_errors_name_the_method():
+    with pytest.raises(ValueError, match="^ppt: r lists 5 blocks but the model has 4"):
+        create_method("ppt", r=[1, 1, 1, 1, 1]).plan(10, 1, 4)
+    with pytest.raises(ValueError, match="^ppt: layer 7 is outside the model's blocks 0..3"):
+        create_method("ppt", r=1, layers=(7,)).plan(10, 1, 4)
+    assert create_method("ppt", r=1).amounts(12) == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]  # default (3, 6, 9)
+    assert create_method("ppt", r={0: 2}).amounts(2) == [2, 0]
