@@ -346,6 +346,14 @@ def test_reduced_report_and_its_dict_and_text():
     assert report.gmacs * 1e9 == pytest.approx(embed + head + full + reduced)
     assert report.overhead_gmacs * 1e9 == pytest.approx(7 * 4)  # the CLS row of block 1
     assert report.total_gmacs == pytest.approx(report.gmacs + report.overhead_gmacs)
+    # GMACs are MACs / 1e9, to the last digit (rel 1e-12)
+    exact = dict(rel=1e-12, abs=0)
+    assert report.gmacs == pytest.approx((embed + head + full + reduced) / 1e9, **exact)
+    assert report.embed_gmacs == pytest.approx(embed / 1e9, **exact)
+    assert report.head_gmacs == pytest.approx(head / 1e9, **exact)
+    assert report.overhead_gmacs == pytest.approx(28 / 1e9, **exact)
+    assert report.blocks[1].attn_gmacs == pytest.approx((2 * 7 * 16 * 2 + 2 * 7 * 7 * 4) / 1e9, **exact)
+    assert report.blocks[1].mlp_gmacs == pytest.approx(2 * 5 * 4 * 8 / 1e9, **exact)
     assert report.ratio == pytest.approx(report.baseline_gmacs / report.total_gmacs)
     assert report.baseline_gmacs * 1e9 == pytest.approx(embed + head + 2 * full)
     d = report.as_dict()
@@ -1023,3 +1031,14 @@ def test_ppt_schedule_errors_name_the_method():
         create_method("ppt", r=1, layers=(7,)).plan(10, 1, 4)
     assert create_method("ppt", r=1).amounts(12) == [0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]  # default (3, 6, 9)
     assert create_method("ppt", r={0: 2}).amounts(2) == [2, 0]
+
+
+def test_ppt_options_and_tracking_default():
+    assert create_method("ppt").options == {"r": 50, "layers": None, "threshold": 7e-5, "prop_attn": True}
+    assert create_method("ppt", r=(4, 0), layers=(1,)).amounts(3) == [0, 4, 0]  # (r, inflection) takes layers
+    with pytest.raises(ValueError, match="^ppt: r=.1, 2, 3. names its blocks itself"):
+        create_method("ppt", r=(1, 2, 3), layers=(1,))
+    with pytest.raises(ValueError, match="^ppt: r must be a non-negative integer, got -1"):
+        create_method("ppt", r=-1)
+    state = TokenState(torch.zeros(1, 3, 2)).tracked()
+    assert state.owner.tolist() == [[1, 2]] and state.left is None and state.left_x is None
