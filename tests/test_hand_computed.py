@@ -1042,3 +1042,13 @@ def test_ppt_options_and_tracking_default():
         create_method("ppt", r=-1)
     state = TokenState(torch.zeros(1, 3, 2)).tracked()
     assert state.owner.tolist() == [[1, 2]] and state.left is None and state.left_x is None
+
+
+def test_max_bipartite_r_is_floor_of_image_tokens_over_two():
+    from tokenreduce.core.ops import max_bipartite_r
+
+    cases = {(1, 1): 0, (2, 1): 0, (3, 1): 1, (10, 0): 5, (10, 2): 4, (11, 2): 4, (197, 0): 98, (197, 1): 98,
+             (201, 5): 98, (10, 4): 3}
+    for (num_tokens, num_prefix), expected in cases.items():
+        got = max_bipartite_r(num_tokens, num_prefix)
+        assert got == expected and isinstance(got, int), (num_tokens, num_prefix, got)
