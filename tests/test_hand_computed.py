@@ -663,7 +663,7 @@ def test_resolve_r_forms_by_hand():
         validate_r("m", -3)
     with pytest.raises(ValueError, match=r"m: r\[9\] must be a non-negative integer, got -1"):
         validate_r("m", {9: -1})
-    assert check_count("m", "r", 0) == 0 and check_count("m", "r", 2.0) == 2
+    assert check_count("m", "r", 0) == 0 and check_count("m", "r", 2.0) == 2 and check_count("m", "r", 0.0) == 0
     assert check_keep_rate("m", 1) == 1.0 and check_keep_rate("m", 0.25) == 0.25
     for bad in (0, 0.0, 1.01, True, "0.5", None):
         with pytest.raises(ValueError, match="m: keep_rate must be in"):
