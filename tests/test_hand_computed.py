@@ -653,6 +653,8 @@ def test_resolve_r_forms_by_hand():
         resolve_r("m", (-1, 0.5), 2, None)
     with pytest.raises(ValueError, match=r"m: schedule inflection must be in \[-1, 1\], got 1.5"):
         resolve_r("m", (6, 1.5), 2, None)
+    with pytest.raises(ValueError, match=r"m: schedule inflection must be in \[-1, 1\], got -1.5"):
+        resolve_r("m", (6, -1.5), 2, None)
     with pytest.raises(ValueError, match=r"m: r\[1\] must be a non-negative integer, got -2"):
         resolve_r("m", [1, -2], 2, None)
     with pytest.raises(ValueError, match=r"m: r\[3\] must be a non-negative integer, got -2"):
