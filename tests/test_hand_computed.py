@@ -643,6 +643,7 @@ def test_resolve_r_forms_by_hand():
     assert resolve_r("m", (6, 1), 5, (1, 2, 4)) == [0, 0, 6, 0, 12]
     assert resolve_r("m", (6, -1), 5, (1, 2, 4)) == [0, 12, 6, 0, 0]
     assert resolve_r("m", (6, 0.5), 3, None) == [3, 6, 9]
+    assert resolve_r("m", (6, 1), 2, None) == [0, 12]  # two blocks: one step of 12
     assert resolve_r("m", (5, 0), 1, None) == [5]  # one block: no division by zero
     with pytest.raises(ValueError, match=r"m: r\[1\] must be a non-negative integer, got True"):
         resolve_r("m", (6, True), 2, None)  # a bool is no inflection: a list of two counts, and no count either
