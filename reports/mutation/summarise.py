@@ -51,7 +51,7 @@ def main() -> None:
                 status = "equivalent"
             mutants[name] = {"file": source, "status": status}
     for name, info in mutants.items():
-        if info["status"] in ("survived", "no tests", "equivalent", "suspicious", "not checked"):
+        if info["status"] in ("survived", "no tests", "equivalent", "suspicious"):
             info["diff"] = diff(name, info["file"])
             if name in equivalent:
                 info["reason"] = equivalent[name]
@@ -94,7 +94,12 @@ def main() -> None:
     for f, c in sorted(per_file.items()):
         lines.append(f"| {f} | " + " | ".join(str(c[k]) for k in cols) + f" | {rate(c):.1%} |")
     lines.append("| **total** | " + " | ".join(str(total[k]) for k in cols) + f" | **{rate(total):.1%}** |")
-    for title, wanted in (("Surviving mutants", ("survived", "no tests", "suspicious", "not checked")),
+    unchecked = sorted(n for n, i in mutants.items() if i["status"] == "not checked")
+    if unchecked:
+        per_function = Counter(n.split("__mutmut_")[0] for n in unchecked)
+        lines += ["", f"## Not checked ({len(unchecked)}: the run was stopped before them)", "",
+                  *(f"- `{f}`: {c}" for f, c in sorted(per_function.items()))]
+    for title, wanted in (("Surviving mutants", ("survived", "no tests", "suspicious")),
                           ("Equivalent mutants", ("equivalent",))):
         chosen = [(n, i) for n, i in mutants.items() if i["status"] in wanted]
         lines += ["", f"## {title} ({len(chosen)})", ""]
