@@ -1057,3 +1057,60 @@ def test_max_bipartite_r_is_floor_of_image_tokens_over_two():
     for (num_tokens, num_prefix), expected in cases.items():
         got = max_bipartite_r(num_tokens, num_prefix)
         assert got == expected and isinstance(got, int), (num_tokens, num_prefix, got)
+
+
+# --- projections: fused qkv, separate q / kv, cross attention, qk-norm and scale-norm ----------------------------
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_sdpa", "full_map"])
+@pytest.mark.parametrize("norms", [dict(), dict(qk_norm=True), dict(scale_norm=True)], ids=["plain", "qk", "scale"])
+def test_attention_without_sizes_is_the_module_itself(fused, norms):
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2, qkv_bias=True, norm_layer=torch.nn.LayerNorm, **norms).double().eval()
+    attn.fused_attn = fused
+    with torch.no_grad():  # norms away from the identity, so skipping one shows
+        for module in (attn.q_norm, attn.k_norm, attn.norm):
+            for p in module.parameters():
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    out, _ = attention(attn, x)
+    torch.testing.assert_close(out, attn(x), rtol=0, atol=1e-12)
+
+
+def test_cross_attention_takes_keys_and_values_from_the_context():
+    from tokenreduce.core.attention import project
+
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2, qkv_bias=True).double().eval()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    q, k, v = project(attn, x)
+    q2, k2, v2 = project(attn, x[:, 3:], context=x)  # queries of tokens 3, 4; keys and values of all five
+    torch.testing.assert_close(q2, q[:, :, 3:], rtol=0, atol=1e-12)
+    torch.testing.assert_close((k2, v2), (k, v), rtol=0, atol=1e-12)
+    out, _ = attention(attn, x[:, 3:], context=x)
+    torch.testing.assert_close(out, attn(x)[:, 3:], rtol=0, atol=1e-12)
+
+
+def test_separate_q_and_kv_projections_by_hand():
+    from tokenreduce.core.attention import project
+
+    class QKV(torch.nn.Module):  # STViT's layout: q and kv Linears, no fused qkv
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.scale = 2, 0.5
+            self.q, self.kv = torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 8).double()
+            self.attn_drop, self.proj, self.proj_drop = torch.nn.Dropout(0.0), torch.nn.Identity(), torch.nn.Identity()
+
+    torch.manual_seed(0)
+    module = QKV()
+    x, context = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)
+    for ctx in (None, context):
+        q, k, v = project(module, x, ctx)
+        keys_from = x if ctx is None else ctx
+        kv = module.kv(keys_from).view(1, -1, 2, 2, 2)  # tokens x (k, v) x heads x d_head
+        torch.testing.assert_close(q, module.q(x).view(1, 2, 2, 2).transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(k, kv[:, :, 0].transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(v, kv[:, :, 1].transpose(1, 2), rtol=0, atol=0)
+    out, _ = attention(module, x, context=context)
+    q, k, v = project(module, x, context)
+    expected = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(1, 2, 4), rtol=0, atol=1e-12)
