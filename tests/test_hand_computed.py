@@ -618,13 +618,13 @@ def test_evit_options_and_schedule():
 def test_restore_needs_left_and_keeps_the_feature_dtype():
     from tokenreduce.core.ops import keep_tokens, restore
 
-    state = TokenState(X.clone(), num_prefix=1, grid=(2, 2))
+    state = TokenState(X.clone().float(), num_prefix=1, grid=(2, 2))
     with pytest.raises(ValueError, match="restore needs a state with dense tracking"):
         restore(state.tracked(dense=False))  # owner but no left
     tracked = state.tracked(dense=True)
-    tracked = tracked.replace(left_x=tracked.left_x.float())  # recorded in another dtype than the features
+    tracked = tracked.replace(left_x=tracked.left_x.double())  # recorded in another dtype than the features
     out = restore(keep_tokens(tracked, torch.tensor([[1, 3]])))
-    assert out.dtype == torch.float64
+    assert out.dtype == torch.float32
     assert out.tolist() == X.tolist()  # the dropped tokens 0 and 2 keep the features they had
 
 
@@ -732,6 +732,7 @@ def test_ppt_and_tome_overhead_by_hand_on_odd_and_even_token_counts():
     assert ppt.overhead_macs(plan, 6, 2, 1) == (11 * 6 + 6 * 5 * 3) + (9 * 6 + 5 * 4 * 3)
     assert create_method("ppt", r=[2], threshold=0.0).overhead_macs(plan, 6, 2, 1) == (11 + 9) * 6  # prunes only
     assert create_method("ppt", r=[2], threshold=math.inf).overhead_macs(plan, 6, 2, 1) == (30 + 20) * 3  # pools
+    assert create_method("tome", r=[2]).overhead_macs(create_method("tome", r=[2]).plan(10, 1, 1), 6, 2, 1) == 75
     tome = create_method("tome", r=[2, 0, 2])
     plan = tome.plan(11, 1, 3)
     assert tome.overhead_macs(plan, 6, 2, 1) == 6 * 5 * 3 + 5 * 4 * 3  # blocks 0 and 2, entered by 11 and 9 tokens
@@ -1065,7 +1066,8 @@ def test_max_bipartite_r_is_floor_of_image_tokens_over_two():
 @pytest.mark.parametrize("norms", [dict(), dict(qk_norm=True), dict(scale_norm=True)], ids=["plain", "qk", "scale"])
 def test_attention_without_sizes_is_the_module_itself(fused, norms):
     torch.manual_seed(0)
-    attn = Attention(8, num_heads=2, qkv_bias=True, norm_layer=torch.nn.LayerNorm, **norms).double().eval()
+    attn = Attention(8, num_heads=2, qkv_bias=True, norm_layer=torch.nn.LayerNorm, attn_drop=0.5,
+                     **norms).double().eval()  # dropout is off in eval mode
     attn.fused_attn = fused
     with torch.no_grad():  # norms away from the identity, so skipping one shows
         for module in (attn.q_norm, attn.k_norm, attn.norm):
@@ -1076,11 +1078,12 @@ def test_attention_without_sizes_is_the_module_itself(fused, norms):
     torch.testing.assert_close(out, attn(x), rtol=0, atol=1e-12)
 
 
-def test_cross_attention_takes_keys_and_values_from_the_context():
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_cross_attention_takes_keys_and_values_from_the_context(qkv_bias):
     from tokenreduce.core.attention import project
 
     torch.manual_seed(0)
-    attn = Attention(8, num_heads=2, qkv_bias=True).double().eval()
+    attn = Attention(8, num_heads=2, qkv_bias=qkv_bias).double().eval()
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     q, k, v = project(attn, x)
     q2, k2, v2 = project(attn, x[:, 3:], context=x)  # queries of tokens 3, 4; keys and values of all five
@@ -1114,3 +1117,16 @@ def test_separate_q_and_kv_projections_by_hand():
     q, k, v = project(module, x, context)
     expected = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
     torch.testing.assert_close(out, expected.transpose(1, 2).reshape(1, 2, 4), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_sdpa", "full_map"])
+def test_attention_dropout_only_in_training(fused):
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2, attn_drop=0.5).double()
+    attn.fused_attn = fused
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    attn.train()
+    first, second = attention(attn, x)[0], attention(attn, x)[0]
+    assert (first - second).abs().max() > 1e-3  # dropped at random in training
+    attn.eval()
+    torch.testing.assert_close(attention(attn, x)[0], attention(attn, x)[0], rtol=0, atol=0)
