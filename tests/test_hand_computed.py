@@ -1130,3 +1130,33 @@ def test_attention_dropout_only_in_training(fused):
     assert (first - second).abs().max() > 1e-3  # dropped at random in training
     attn.eval()
     torch.testing.assert_close(attention(attn, x)[0], attention(attn, x)[0], rtol=0, atol=0)
+
+
+def test_attend_statistics_without_cls_on_the_fused_path_transform_and_checks():
+    q, k, v = _qkv(seed=3)
+    probs = ((q @ k.transpose(-2, -1)) * 0.5).softmax(dim=-1)
+    out, stats = attend(q, k, v, 0.5, need=("cls_attn",), has_cls=False)  # fused by default
+    torch.testing.assert_close(stats["cls_attn"], probs.mean(dim=2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, probs @ v, rtol=0, atol=1e-12)
+    # A transform of the map is applied on the default (fused) call too.
+    out, _ = attend(q, k, v, 0.5, transform=lambda p: p * 0.5)
+    torch.testing.assert_close(out, 0.5 * (probs @ v), rtol=0, atol=1e-12)
+    # A float32 size bias with float64 heads.
+    bias = torch.tensor([1.0, 2.0, 1.0]).log().view(1, 1, 1, 3)
+    out, _ = attend(q, k, v, 0.5, bias)
+    expected = ((q @ k.transpose(-2, -1)) * 0.5 + bias.double()).softmax(dim=-1) @ v
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match=r"unknown attention statistics \['bogus'\]"):
+        attend(q, k, v, 0.5, need=("bogus",))
+
+
+def test_attention_output_gate():
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2).double().eval()
+    attn.gate = torch.nn.Linear(8, 8).double()  # a gated attention: out * sigmoid(gate(x)) before the projection
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    out, _ = attention(attn, x)
+    q, k, v = attn.qkv(x).reshape(1, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    heads = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1) @ v
+    expected = attn.proj(heads.transpose(1, 2).reshape(1, 4, 8) * attn.gate(x).sigmoid())
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
