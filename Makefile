@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-lowest lint bench
+.PHONY: setup demo test test-lowest lint bench mutate
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,12 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/speed.py
+
+# Mutation testing of core/ and methods/ (not part of CI: about an hour on one core). Config: [tool.mutmut] in
+# pyproject.toml; mutmut works in mutants/ (git-ignored) and keeps its results there, so a second run only tests what
+# changed. One worker, niced: the machine is shared. The summary goes to reports/mutation/ (see its README.md).
+MUTMUT_VERSION ?= 3.8.1
+mutate: setup
+	$(PY) -m pip install --quiet "mutmut==$(MUTMUT_VERSION)"
+	start=$$(date +%s); env -u PYTHONPATH OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children 1; \
+	  env -u PYTHONPATH $(PY) reports/mutation/summarise.py --label latest --seconds $$(( $$(date +%s) - start ))
