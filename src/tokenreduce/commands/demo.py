@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         draw(copy.deepcopy(model), name, options, str(photo_path), str(picture), None, device=device, dtype=dtype)
         rows.append(row)
         settings[name] = (name, options)
-    speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), rounds=args.rounds, warmup=1,
-                            dtype=dtype, device=device)
+    speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), img_size=config["input_size"][1],
+                            rounds=args.rounds, warmup=1, dtype=dtype, device=device)
     speed_by_label = {row["label"]: row for row in speed}
     for row in rows:
         row["speed_ratio"] = speed_by_label[row["method"]]["speedup"]
