@@ -182,15 +182,16 @@ def test_cuda_peak_memory_is_the_allocator_peak_above_the_start(monkeypatch):
 
 
 def test_cpu_peak_memory_sees_a_warmed_up_forward():
-    def forward():  # 64 MB, written
-        return float(torch.ones(16 * 2**20)[0])
-
-    forward()
-    forward()  # the freed 64 MB stay with the allocator: measured as they are, a warmed-up call grows nothing
-    megabytes = speed.peak_memory(forward, "cpu")
-    if megabytes is None:
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224").eval()
+    images = torch.randn(8, 3, 224, 224)
+    with torch.inference_mode():
+        model(images)
+        model(images)  # the allocator now holds the memory a forward needs: without malloc_trim, 0 MB grow
+        measured = [speed.peak_memory(lambda: model(images), "cpu") for _ in range(3)]
+    if None in measured:
         pytest.skip("no /proc/self/clear_refs here")
-    assert 60 < megabytes < 90
+    assert min(measured) > 10  # activations of 8 x 197 tokens x 192 channels, MLP 4x, attention maps
 
 
 def test_backend_choice_and_process_device():
