@@ -49,7 +49,8 @@ import timm
 import torch
 
 import tokenreduce as tr
-from tokenreduce.commands._common import add_device_arguments, parse_ints, resolve_device, resolve_dtype
+from tokenreduce.commands._common import (add_device_arguments, parse_ints, parse_pairs, resolve_device,
+                                         resolve_dtype)
 from tokenreduce.core.errors import InputError
 from tokenreduce.measure.speed import COMPILE_MODES, environment, memory_measure, method_speedups
 
@@ -167,10 +168,11 @@ def batch_table(result: dict) -> str:
         lines.append(f"| {label} | {first['gmacs']:.2f} | {first['gmacs_ratio']:.2f}x | " + " | ".join(cells) + " |")
     env = result.get("environment_batch") or result.get("environment", {})
     lines.append("")
+    compiled = (f"; compiled: torch.compile mode {env.get('compile')!r}, against the compiled unreduced model"
+                if any(m is not None for m in modes) else "")
     lines.append(f"speed-up (share of the ceiling); {result.get('model')}, {env.get('device')} "
                  f"({env.get('device_name')}), {env.get('dtype')}, {env.get('threads')} threads, torch "
-                 f"{env.get('torch')}, median of {result.get('rounds')} interleaved rounds; compiled: "
-                 f"torch.compile mode {env.get('compile')!r} against the compiled unreduced model")
+                 f"{env.get('torch')}, median of {result.get('rounds')} interleaved rounds{compiled}")
     return "\n".join(lines)
 
 
@@ -180,8 +182,8 @@ def sweep_table(result: dict) -> str:
     rows = sweep.get("rows") or []
     if not rows:
         return "(no sweep in the JSON: run without --skip-sweep)"
-    lines = ["| setting | mode | img | tokens | token share | speed-up | ceiling | share of ceiling | "
-             "peak MB (reduced / unreduced) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | options | mode | img | tokens | token share | speed-up | ceiling | share of ceiling | "
+             "peak MB (reduced / unreduced) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row["label"] == "unreduced":
             continue
@@ -189,7 +191,9 @@ def sweep_table(result: dict) -> str:
                     and r.get("compile") == row.get("compile"))
         memory = ("n/a" if None in (row["peak_memory_mb"], base["peak_memory_mb"])
                   else f"{row['peak_memory_mb']:.0f} / {base['peak_memory_mb']:.0f}")
-        lines.append(f"| {row['label']} | {_mode_name(row.get('compile'))} | {row['img_size']} | {row['tokens']} | "
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items() if k != "layers")
+        lines.append(f"| {row['label']} | {options} | {_mode_name(row.get('compile'))} | {row['img_size']} | "
+                     f"{row['tokens']} | "
                      f"{row['token_share']:.2f} | {row['speedup']:.2f}x | {row['gmacs_ratio']:.2f}x | "
                      f"{row['speedup'] / row['gmacs_ratio']:.2f} | {memory} |")
     lines.append("")
@@ -205,27 +209,38 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    sweep_rows = [r for r in (result.get("sweep") or {}).get("rows", []) if r["label"] != "unreduced"]
+    all_sweep = (result.get("sweep") or {}).get("rows", [])
+    sweep_rows = [r for r in all_sweep if r["label"] != "unreduced"]
     if sweep_rows:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        labels = list(dict.fromkeys(r["label"] for r in sweep_rows))
+        fig, (ax, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+        labels = list(dict.fromkeys(r["label"] for r in all_sweep))
+        modes = sorted({r.get("compile") for r in all_sweep}, key=lambda m: m is not None)
         for i, label in enumerate(labels):
-            color = f"C{i}"
-            for mode in sorted({r.get("compile") for r in sweep_rows}, key=lambda m: m is not None):
-                points = sorted((r["tokens"], r["speedup"], r["gmacs_ratio"]) for r in sweep_rows
+            color = "black" if label == "unreduced" else f"C{i}"
+            for mode in modes:
+                points = sorted((r["tokens"], r["speedup"], r["peak_memory_mb"]) for r in all_sweep
                                 if r["label"] == label and r.get("compile") == mode)
-                tokens = [p[0] for p in points]
-                ax.plot(tokens, [p[1] for p in points], marker="o" if mode is None else "s", color=color,
-                        linestyle="-" if mode is None else ":", label=f"{label} ({_mode_name(mode)})")
-            ceiling = sorted({(r["tokens"], r["gmacs_ratio"]) for r in sweep_rows if r["label"] == label})
-            ax.plot([p[0] for p in ceiling], [p[1] for p in ceiling], color=color, linestyle="--", alpha=0.6)
+                style = {"color": color, "marker": "o" if mode is None else "s",
+                         "linestyle": "-" if mode is None else ":", "label": f"{label} ({_mode_name(mode)})"}
+                if label != "unreduced":
+                    ax.plot([p[0] for p in points], [p[1] for p in points], **style)
+                if mode is None and all(p[2] is not None for p in points):
+                    ax_mem.plot([p[0] for p in points], [p[2] for p in points], **style)
+            if label != "unreduced":
+                ceiling = sorted({(r["tokens"], r["gmacs_ratio"]) for r in sweep_rows if r["label"] == label})
+                ax.plot([p[0] for p in ceiling], [p[1] for p in ceiling], color=color, linestyle="--", alpha=0.6)
+        sizes = ", ".join(str(s) for s in sorted({r["img_size"] for r in sweep_rows}))
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("tokens entering the first block (image size 224, 384, 512 ...)")
+        ax.set_xlabel(f"tokens entering the first block (image sides {sizes})")
         ax.set_ylabel("speed-up over the unreduced model")
         env = result.get("environment_sweep") or {}
         ax.set_title(f"{result.get('model')}, batch {result['sweep'].get('batch_size')}, {env.get('device')} "
                      f"{env.get('dtype')}; dashed: GMACs ceiling", fontsize=9)
         ax.legend(fontsize=7)
+        ax_mem.set_xlabel("tokens entering the first block")
+        ax_mem.set_ylabel("peak memory of one forward pass, MB")
+        ax_mem.set_title("peak memory (eager)", fontsize=9)
+        ax_mem.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / "speed_sizes.png"
         fig.savefig(path, dpi=120)
@@ -267,6 +282,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--model-kwargs", default=None, metavar="K=V,...",
+                        help="overrides for timm.create_model (e.g. depth=2 for a quick check of the script)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="batch sizes of the batch table")
     parser.add_argument("--img-sizes", default="224,384,512", help="image sides of the sweep")
     parser.add_argument("--sweep-batch", type=int, default=8, help="the batch size of the image-size sweep")
@@ -299,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
         batch_sizes = parse_ints(args.batch_sizes, "--batch-sizes") or []
         img_sizes = parse_ints(args.img_sizes, "--img-sizes") or []
+        model_kwargs = parse_pairs(args.model_kwargs, "--model-kwargs")
     except InputError as err:
         print(f"speed.py: error: {err}", file=sys.stderr)
         return 2
@@ -307,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"off": [None], "on": [args.compile_mode], "both": [None, args.compile_mode]}[args.compile]
     settings = {k: v for k, v in SETTINGS.items() if v is None or v[0] in tr.methods()}
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result.update({"model": args.model, "protocol": "interleaved rounds, median images/s, inference_mode; "
+    result.update({"model": args.model, "model_kwargs": model_kwargs, "protocol": "interleaved rounds, median images/s, inference_mode; "
                    "compiled: torch.compile(dynamic=False) per shape, first call apart",
                    "rounds": args.rounds, "warmup": args.warmup})
 
     if not args.skip_batch:
-        model = timm.create_model(args.model, pretrained=False).eval()
+        model = timm.create_model(args.model, pretrained=False, **model_kwargs).eval()
         rows = method_speedups(model, settings, batch_sizes, rounds=args.rounds, warmup=args.warmup, dtype=dtype,
                                device=device, compile_modes=modes)
         print(f"{'setting':<24} {'batch':>5} {'mode':>8} {'img/s':>8} {'speed-up':>9} {'GMACs':>6} {'ceiling':>8} "
@@ -332,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v:.1%}" for k, v in breakdown["share_of_forward"].items()))
 
     if not args.skip_sweep:
-        model = timm.create_model(args.model, pretrained=False, dynamic_img_size=True).eval()
+        model = timm.create_model(args.model, pretrained=False, dynamic_img_size=True, **model_kwargs).eval()
         patch = model.patch_embed.patch_size[0]
         rows = []
         for img_size in img_sizes:
