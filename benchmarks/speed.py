@@ -49,8 +49,7 @@ import timm
 import torch
 
 import tokenreduce as tr
-from tokenreduce.commands._common import (add_device_arguments, parse_ints, parse_pairs, resolve_device,
-                                         resolve_dtype)
+from tokenreduce.commands import _common
 from tokenreduce.core.errors import InputError
 from tokenreduce.measure.speed import COMPILE_MODES, environment, memory_measure, method_speedups
 
@@ -298,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", action="store_true", help="print the README tables from --out and exit")
     parser.add_argument("--plot", action="store_true", help="draw the plots from --out and exit")
     parser.add_argument("--out", default=str(RESULTS / "speed.json"))
-    add_device_arguments(parser)
+    _common.add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -313,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             print("wrote " + ", ".join(str(p) for p in plot(result, out.parent)))
         return 0
     try:
-        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-        batch_sizes = parse_ints(args.batch_sizes, "--batch-sizes") or []
-        img_sizes = parse_ints(args.img_sizes, "--img-sizes") or []
-        model_kwargs = parse_pairs(args.model_kwargs, "--model-kwargs")
+        device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
+        batch_sizes = _common.parse_ints(args.batch_sizes, "--batch-sizes") or []
+        img_sizes = _common.parse_ints(args.img_sizes, "--img-sizes") or []
+        model_kwargs = _common.parse_pairs(args.model_kwargs, "--model-kwargs")
     except InputError as err:
         print(f"speed.py: error: {err}", file=sys.stderr)
         return 2
@@ -325,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"off": [None], "on": [args.compile_mode], "both": [None, args.compile_mode]}[args.compile]
     settings = {k: v for k, v in SETTINGS.items() if v is None or v[0] in tr.methods()}
     result = json.loads(out.read_text()) if out.is_file() else {}
-    result.update({"model": args.model, "model_kwargs": model_kwargs, "protocol": "interleaved rounds, median images/s, inference_mode; "
-                   "compiled: torch.compile(dynamic=False) per shape, first call apart",
+    result.update({"model": args.model, "model_kwargs": model_kwargs,
+                   "protocol": "interleaved rounds, median images/s, inference_mode; "
+                               "compiled: torch.compile(dynamic=False) per shape, first call apart",
                    "rounds": args.rounds, "warmup": args.warmup})
 
     if not args.skip_batch:
