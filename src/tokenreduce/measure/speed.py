@@ -19,9 +19,10 @@ timm ViT patched with each method (and unpatched: the same):
 - a second batch size (2 or more): one recompile; dynamo then marks the batch dimension dynamic, and every
   later batch size of 2 or more runs that graph;
 - batch size 1: one recompile of its own (dynamo specialises sizes 0 and 1), then reused;
-- a new image size (``dynamic_img_size=True``): one recompile for every new size, every time, because timm
-  resamples the position embedding to a grid of Python integers (the unpatched model does the same); a
-  batch of 1 at a new size is one more;
+- a new image size (``dynamic_img_size=True``): one recompile for every new size, every time: the graph
+  is specialised to the grid (the unpatched timm model does the same); a batch of 1 at a new size is one more;
+- GTP only: the second call of a new grid recompiles once more (its spatial graph is cached in a module-level
+  dict that the first compiled call fills; ``tests/test_compile.py`` marks it);
 - past ``torch._dynamo.config.recompile_limit`` (8) graphs of one function, dynamo runs new shapes eagerly.
 """
 
