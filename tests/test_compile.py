@@ -1,11 +1,14 @@
 """torch.compile of a patched model with a fixed schedule: one graph (``fullgraph=True`` fails on any graph
-break, so this also proves the forward pass has no host syncs) and the eager outputs."""
+break, so this also proves the forward pass has no host syncs) and the eager outputs, at batch 1 and 8, with no
+recompilation when a shape comes again (dynamo's counters)."""
 
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 import tokenreduce as tr
 
@@ -22,14 +25,39 @@ def test_every_method_is_covered():
     assert set(OPTIONS) == set(tr.methods())
 
 
-@pytest.mark.parametrize("method", sorted(OPTIONS))
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+# GTP keeps its spatial graph in a module-level dict (methods/gtp.py, ``_spatial``): the first compiled call
+# traces the miss and guards on the key being absent; its own insertion fails that guard, so the second call of
+# the same shape recompiles (once per new grid).
+GTP_CACHE_RECOMPILES = pytest.mark.xfail(strict=True, reason="gtp._SPATIAL_CACHE lookup is guarded by dynamo: "
+                                         "the second call of a new grid recompiles")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=GTP_CACHE_RECOMPILES) if m == "gtp" else m
+                                    for m in sorted(OPTIONS)])
 def test_compiled_patched_model_matches_eager(method):
+    from tokenreduce.methods import gtp
+
+    torch._dynamo.reset()
+    counters.clear()
+    getattr(gtp, "_SPATIAL_CACHE", {}).clear()  # as in a fresh process: no shape cached by earlier tests
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
                               img_size=64).eval()
     tr.patch(model, method, **OPTIONS[method])
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        eager = model(images)
-        compiled = torch.compile(model, fullgraph=True)(images)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(model, fullgraph=True)
+    for batch in (1, 8):
+        images = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            first = compiled(images)  # before any eager call: nothing cached for this shape yet
+            graphs = compiled_graphs()
+            second = compiled(images)
+            eager = model(images)
+        assert compiled_graphs() == graphs, f"batch {batch}: the second call of the same shape recompiled"
+        torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(second, eager, atol=1e-5, rtol=1e-5)
+    # One graph per batch size (fullgraph: no breaks): batch 1 is static, batch 8 a second graph.
+    assert compiled_graphs() == 2

@@ -102,19 +102,20 @@ class TrainConfig:
 
 def _distributed() -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether we joined the group); joins the process group when launched by
-    torchrun (gloo on CPU, nccl on GPUs)."""
+    torchrun (``measure.evaluate.dist_backend``: gloo on CPU, nccl on GPUs, each process on its LOCAL_RANK's)."""
+    from .measure.evaluate import dist_backend, process_device
+
+    device = process_device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     joined = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(dist_backend(device))
         joined = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local), joined
-    return rank, world, torch.device("cpu"), joined
+    return rank, world, device, joined
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -203,6 +203,73 @@ def patch_model(model: nn.Module, name: str | None, options: dict[str, Any]) -> 
     return tr.patch(model, name, **options)
 
 
+# --- where and how the model runs (--device, --dtype, --compile) -------------------------------------------
+
+DEVICES = ("cpu", "cuda", "mps")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, compile: bool = False) -> None:
+    """``--device`` and ``--dtype``; with ``compile``, ``--compile`` and ``--compile-mode`` too."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="cpu",
+                       help=f"where the model runs: {', '.join(DEVICES)}, or cuda:N (default cpu)")
+    group.add_argument("--dtype", default="float32",
+                       help=f"{', '.join(DTYPE_NAMES)}: autocast to it on every device (float32: no autocast)")
+    if compile:
+        from ..measure.speed import COMPILE_MODES
+
+        group.add_argument("--compile", action="store_true",
+                           help="also run the models under torch.compile and report them beside eager (the first "
+                                "call, which compiles, is reported apart)")
+        group.add_argument("--compile-mode", default="default",
+                           help=f"torch.compile mode: {', '.join(COMPILE_MODES)} (default 'default')")
+
+
+def resolve_device(text: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` as a ``torch.device`` that exists here; an ``InputError`` naming
+    the value when it is unknown or not available on this machine.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown --device {text!r}; choose one of {', '.join(DEVICES)} (or cuda:N)") from err
+    if device.type not in DEVICES:
+        raise InputError(f"unknown --device {text!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {text!r}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {text!r}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {text!r}: MPS is not available on this machine")
+    if device.type != "cuda" and device.index not in (None, 0):
+        raise InputError(f"--device {text!r}: only CUDA devices take an index")
+    return device
+
+
+def resolve_dtype(text: str) -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` as a ``torch.dtype``; an ``InputError`` naming anything else."""
+    if text not in DTYPE_NAMES:
+        raise InputError(f"unknown --dtype {text!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, text)
+
+
+def resolve_compile_modes(args: argparse.Namespace) -> list[str | None]:
+    """``[None]`` (eager only) or ``[None, mode]`` (eager and compiled) from ``--compile``/``--compile-mode``."""
+    from ..measure.speed import COMPILE_MODES
+
+    mode = getattr(args, "compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise InputError(f"unknown --compile-mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return [None, mode] if getattr(args, "compile", False) else [None]
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
 

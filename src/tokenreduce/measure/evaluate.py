@@ -5,13 +5,15 @@ the mean KL(unreduced || reduced) = sum_c p_unreduced(c) * (log p_unreduced(c) -
 divergence of the reduced model's distribution from the unreduced one's, in nats.
 
 Under ``torchrun`` each rank evaluates the indices ``rank, rank + world, ...`` (no padding duplicates) and
-the counts are summed with ``all_reduce`` (gloo on CPU), so the totals equal a one-process run.
+the counts are summed with ``all_reduce`` (gloo on CPU, nccl on CUDA: :func:`dist_backend`), so the totals
+equal a one-process run. On CUDA each process takes the GPU of its ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,21 +33,47 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     initialized_here: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistContext:
-    """Join the process group torchrun describes (gloo: CPU); a single process otherwise."""
+def dist_backend(device: torch.device | str) -> str:
+    """The process-group backend for models on ``device``: nccl for CUDA, gloo otherwise.
+
+    >>> dist_backend("cuda:1"), dist_backend("cpu")
+    ('nccl', 'gloo')
+    """
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def process_device(device: torch.device | str, env: dict[str, str] | None = None) -> torch.device:
+    """The device of this process: under torchrun a bare ``cuda`` is the GPU of ``LOCAL_RANK``.
+
+    >>> process_device("cuda", {"LOCAL_RANK": "1"})
+    device(type='cuda', index=1)
+    """
+    device, env = torch.device(device), os.environ if env is None else env
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(device: torch.device | str = "cpu") -> DistContext:
+    """Join the process group torchrun describes (:func:`dist_backend` of ``device``); a single process
+    otherwise. On CUDA the process's GPU (:func:`process_device`) is made the current one."""
+    device = process_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl and all_gather_object use the current GPU
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistContext()
+        return DistContext(device=device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-        return DistContext(dist.get_rank(), dist.get_world_size(), True)
-    return DistContext(dist.get_rank(), dist.get_world_size(), False)
+        dist.init_process_group(dist_backend(device))
+        return DistContext(dist.get_rank(), dist.get_world_size(), True, device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), False, device)
 
 
 def close_distributed(context: DistContext) -> None:
@@ -104,12 +132,19 @@ def evaluate_pair(
     limit: int | None = None,
     context: DistContext | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+    desc: str = "eval",
 ) -> dict[str, Any]:
-    """Evaluate both models on (this rank's share of) ``dataset``; counts summed over ranks.
+    """Evaluate both models on (this rank's share of) ``dataset`` on ``context.device`` (the models must be
+    there), autocast to ``dtype`` below float32; counts summed over ranks.
 
-    Returns ``summarize``'s fields plus ``broken_files`` (names of unreadable images, all ranks).
+    Returns ``summarize``'s fields plus ``broken_files`` (names of unreadable images, all ranks),
+    ``seconds`` (this rank's whole pass) and ``first_batch_s`` (its first batch: a compiled model compiles).
     """
+    from .speed import autocast, synchronize
+
     context = context or DistContext()
+    device = context.device
     count = len(dataset) if limit is None else min(limit, len(dataset))
     subset = Subset(dataset, shard_indices(count, context.rank, context.world_size))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_broken)
@@ -117,19 +152,31 @@ def evaluate_pair(
     broken: list[int] = []
     unreduced.eval()
     reduced.eval()
-    bar = tqdm(loader, desc="eval", unit="batch", disable=not (progress and context.is_main))
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not (progress and context.is_main))
+    start, first_batch_s = time.perf_counter(), None
     for batch in bar:
         broken += batch["broken"]
         counts[COUNTERS.index("broken")] += len(batch["broken"])
         if batch["images"] is None:
             continue
-        counts += batch_counts(reduced(batch["images"]), unreduced(batch["images"]), batch["labels"])
+        images = batch["images"].to(device)
+        with autocast(device, dtype):
+            logits = reduced(images).float().cpu(), unreduced(images).float().cpu()
+        counts += batch_counts(*logits, batch["labels"])
+        if first_batch_s is None:
+            synchronize(device)
+            first_batch_s = time.perf_counter() - start
         done = summarize(counts)
         bar.set_postfix(agree=f"{done['agreement']:.1f}%", broken=done["broken"])
     names = [str(dataset.files[i]) for i in broken]
+    synchronize(device)
+    seconds = time.perf_counter() - start
     if context.world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        summed = counts.to(device) if device.type == "cuda" else counts  # nccl reduces GPU tensors only
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        counts = summed.cpu()
         gathered: list[list[str]] = [[] for _ in range(context.world_size)]
         dist.all_gather_object(gathered, names)
         names = sorted(name for part in gathered for name in part)
-    return {**summarize(counts), "broken_files": names, "world_size": context.world_size}
+    return {**summarize(counts), "broken_files": names, "world_size": context.world_size, "seconds": seconds,
+            "first_batch_s": first_batch_s}
