@@ -30,7 +30,7 @@ is compiled afresh with ``dynamic=False`` after ``torch._dynamo.reset()``, so ea
 specialised to its shape and no variant reaches dynamo's recompile limit.
 
 Random weights: speed does not depend on the weights, except where a method's choice does (PPT's per-image
-policy); PPT's two branches both run for every image, so its cost is the same either way.
+policy: on CPU a batch whose images all take one branch runs only that branch; a mixed batch runs both).
 """
 
 from __future__ import annotations

@@ -29,15 +29,9 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-# GTP keeps its spatial graph in a module-level dict (methods/gtp.py, ``_spatial``): the first compiled call
-# traces the miss and guards on the key being absent; its own insertion fails that guard, so the second call of
-# the same shape recompiles (once per new grid).
-GTP_CACHE_RECOMPILES = pytest.mark.xfail(strict=True, reason="gtp._SPATIAL_CACHE lookup is guarded by dynamo: "
-                                         "the second call of a new grid recompiles")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=GTP_CACHE_RECOMPILES) if m == "gtp" else m
-                                    for m in sorted(OPTIONS)])
+# GTP's spatial graph is cached per grid in a module-level dict; while compiling it is built in the graph instead
+# (a guard on the dict's contents would fail once the first call filled it: the second call would recompile).
+@pytest.mark.parametrize("method", sorted(OPTIONS))
 def test_compiled_patched_model_matches_eager(method):
     from tokenreduce.methods import gtp
 

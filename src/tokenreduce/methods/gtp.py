@@ -69,12 +69,14 @@ def spatial_graph(grid: tuple[int, ...], device: torch.device | str = "cpu") -> 
 
 def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
+    if torch.compiler.is_compiling():
+        # Traced into the graph, never read from the cache: a guard on the cache's contents would fail once the
+        # first compiled call filled it, and the second call of that shape would recompile.
+        return _build_spatial(key[0], device)
     graphs = _SPATIAL_CACHE.get(key)  # one lookup: another thread may clear the cache between two
     if graphs is None:
         with torch.inference_mode(False):
             graphs = _build_spatial(key[0], device)
-        if _exporting():
-            return graphs  # traced tensors (fake while exporting): into the exported graph, never the cache
         if len(_SPATIAL_CACHE) >= MAX_CACHED_GRIDS:
             _SPATIAL_CACHE.clear()
         _SPATIAL_CACHE[key] = graphs
