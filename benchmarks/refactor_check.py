@@ -4,6 +4,7 @@ several schedules, on fixed-seed small models of 6 families, from this checkout 
     git worktree add /tmp/base 148600f                       # the commit before the refactor
     python benchmarks/refactor_check.py save /tmp/base /tmp/base.pt
     python benchmarks/refactor_check.py compare . /tmp/base.pt  # -> benchmarks/results/refactor_check.json
+    python benchmarks/refactor_check.py compare . /tmp/base.pt benchmarks/results/other.json   # another output
 
 ``save`` imports tokenreduce and the tests' model factory from the given checkout (run it with this repo's
 venv); ``compare`` runs this checkout and writes the max differences per case.
@@ -71,12 +72,14 @@ def main(argv: list[str]) -> int:
     unchanged = [r for r in rows if " evit " not in r["case"]]
     token = [r for r in unchanged if not r["avg_pooled"]]
     summary = {"cases": len(rows),
+               "all_max_logits": max(r["logits"] for r in rows), "all_max_state": max(r["states"] for r in rows),
+               "all_max_size": max(r["sizes"] for r in rows), "all_owners_equal": all(r["owners_equal"] for r in rows),
                "token_pooled_non_evit_max_logits": max(r["logits"] for r in token),
                "non_evit_max_state": max(r["states"] for r in unchanged),
                "non_evit_owners_equal": all(r["owners_equal"] for r in unchanged),
                "avg_pooled_merge_max_logits": max(r["logits"] for r in unchanged if r["avg_pooled"]
                                                   and (" tome " in r["case"] or "'threshold': inf" in r["case"]))}
-    out = Path(__file__).parent / "results" / "refactor_check.json"
+    out = Path(argv[3]) if len(argv) > 3 else Path(__file__).parent / "results" / "refactor_check.json"
     out.write_text(json.dumps({"reference": str(path), "summary": summary, "rows": rows}, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 0

@@ -350,10 +350,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v:.1%}" for k, v in breakdown["share_of_forward"].items()))
 
     if not args.skip_sweep:
-        model = timm.create_model(args.model, pretrained=False, dynamic_img_size=True, **model_kwargs).eval()
-        patch = model.patch_embed.patch_size[0]
         rows = []
         for img_size in img_sizes:
+            # Built at each size (dynamic_img_size kept): a patch is checked against the model's own token count.
+            torch.manual_seed(0)
+            model = timm.create_model(args.model, pretrained=False, dynamic_img_size=True, img_size=img_size,
+                                      **model_kwargs).eval()
+            patch = model.patch_embed.patch_size[0]
             patches = (img_size // patch) ** 2
             sized = scaled_settings(settings, patches)
             timed = method_speedups(model, sized, (args.sweep_batch,), img_size=img_size, rounds=args.rounds,
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep"] = {
             "batch_size": args.sweep_batch, "img_sizes": img_sizes, "rows": rows,
             "scaling": f"ToMe/GTP/PPT r scaled with the patch count (r * patches / {BASE_PATCHES}, rounded); "
-                       f"Top-K/EViT keep_rate unchanged; model built with dynamic_img_size=True",
+                       f"Top-K/EViT keep_rate unchanged; model built at each size with dynamic_img_size=True",
             "memory_measure": memory_measure(device),
         }
         result["environment_sweep"] = environment(dtype, modes[-1] or False, device)
