@@ -220,6 +220,17 @@ def swin_baseline_gmacs(model: SwinTransformer) -> float:
     return SwinCounter(model).stages().gmacs
 
 
+def check_full_blocks(full_blocks: int | None, depth: int) -> int:
+    """The full blocks kept before the semantic tokens in a stage of ``depth`` blocks (None: two thirds), checked:
+    two blocks must remain for the generation layers."""
+    if full_blocks is None:
+        return 2 * depth // 3
+    if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or not 0 <= full_blocks <= depth - 2:
+        raise InputError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
+                         f"{depth} blocks, 2 of them become generation layers)")
+    return full_blocks
+
+
 def check_img_size(model: SwinTransformer, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
     own = tuple(model.patch_embed.img_size)
     if img_size is not None and tuple(img_size if isinstance(img_size, tuple | list) else (img_size,) * 2) != own:
@@ -286,11 +297,7 @@ class STViTSwin(SwinHosted):
                  pooling: str = "learned", global_centres: bool = True, key_window: int | None = None) -> None:
         super().__init__()
         side, depth = check_swin(model, tokens_per_window, pooling)
-        if full_blocks is None:
-            full_blocks = 2 * depth // 3
-        if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or not 0 <= full_blocks <= depth - 2:
-            raise InputError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
-                             f"{depth} blocks, 2 of them become generation layers)")
+        full_blocks = check_full_blocks(full_blocks, depth)
         swin = self.host(model)
         blocks = list(swin.layers[SEMANTIC_STAGE].blocks)
         grid = tuple(blocks[0].input_resolution)

@@ -51,7 +51,7 @@ from ..core.cost import (
 from ..core.errors import InputError, InputTypeError
 from .model import GenerationLayer, on_model_device
 from .pooling import TokenPooling, cached_index, check_pooling, check_square, window_regions
-from .swin import key_windows
+from .swin import check_full_blocks, key_windows
 
 SEMANTIC_STAGE = 4  # index of Video Swin's third stage in ``model.features`` (stage, merge, stage, merge, stage..)
 
@@ -275,11 +275,7 @@ class STViTVideoSwin(nn.Module):
         side = check_square(tokens_per_window, "tokens_per_window")
         check_pooling(pooling)
         depth = len(_stage_blocks(model))
-        if full_blocks is None:
-            full_blocks = 2 * depth // 3
-        if isinstance(full_blocks, bool) or not isinstance(full_blocks, int) or not 0 <= full_blocks <= depth - 2:
-            raise InputError(f"full_blocks={full_blocks!r} must be an integer in [0, {depth - 2}] (stage 3 has "
-                             f"{depth} blocks, 2 of them become generation layers)")
+        full_blocks = check_full_blocks(full_blocks, depth)
         swin = copy.deepcopy(model)
         blocks = _stage_blocks(swin)
         self.semantic = VideoWindowSemantic(blocks[full_blocks:full_blocks + 2], blocks[full_blocks + 2:], side,
