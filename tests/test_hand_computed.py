@@ -546,9 +546,9 @@ def test_gtp_current_graph_per_image():
 
 def test_describe_of_gtp_lists_every_option():
     method = create_method("gtp", r=3, graph="semantic", k=4, alpha=0.5, selection="cls_attn", token_scale=False,
-                           sparsity=0.9, seed=7)
+                           sparsity=0.9, seed=7, map="full")
     options = dict(r=3, graph="semantic", k=4, alpha=0.5, selection="cls_attn", token_scale=False, sparsity=0.9,
-                   seed=7)
+                   seed=7, map="full")
     assert method.describe() == {"method": "gtp", "options": options, **{k: v for k, v in options.items() if k != "r"}}
 
 
@@ -864,8 +864,12 @@ def test_each_method_asks_only_for_the_statistics_it_reads_and_only_where_it_red
         ("ppt", (("threshold", math.inf),)): {"metric"},
         ("gtp", (("selection", "cls_attn"),)): {"cls_attn"},
         ("gtp", (("selection", "random"),)): set(),
-        ("gtp", (("selection", "mixed_attn_max"),)): {"attn"},
-        ("gtp", (("selection", "diag"),)): {"attn"},
+        ("gtp", (("selection", "mixed_attn_max"),)): {"col_sum", "diag"},
+        ("gtp", (("selection", "mixed_attn_mean"),)): {"col_sum", "diag"},
+        ("gtp", (("selection", "col_sum"),)): {"col_sum"},
+        ("gtp", (("selection", "diag"),)): {"diag"},
+        ("gtp", (("selection", "mixed_attn_max"), ("map", "full"))): {"attn"},
+        ("gtp", (("selection", "diag"), ("sparsity", 0.5))): {"attn"},  # the sparsified map exists whole
     }
     for (name, options), needed in cases.items():
         method = create_method(name, r=[0, 2], **({"layers": None} if name in ("topk", "evit") else {}),
@@ -969,7 +973,7 @@ def test_option_defaults_and_checks_of_topk_and_gtp():
         create_method("topk", r=[1, 1, 1, 1, 1], layers=None).plan(10, 1, 4)
     gtp = create_method("gtp")
     assert gtp.options == {"r": 8, "graph": "mixed", "k": 8, "alpha": 0.1, "selection": "mixed_attn_max",
-                           "token_scale": True, "sparsity": 1.0, "seed": 0}
+                           "token_scale": True, "sparsity": 1.0, "seed": 0, "map": "chunked"}
     assert create_method("gtp", k=1).k == 1 and create_method("gtp", alpha=1).alpha == 1.0
     for options, message in ((dict(r=-1), "^gtp: r must be a non-negative integer, got -1"),
                              (dict(k=True), "^gtp: k .semantic neighbours. must be an integer >= 1, got True"),
