@@ -19,19 +19,12 @@ from typing import Any
 
 import timm
 import torch
+from before_after import SETTINGS  # the README's settings, one list for both scripts
 
 import tokenreduce as tr
 from tokenreduce.core.state import TokenState
 from tokenreduce.measure.speed import compare_speed, environment
 from tokenreduce.methods.base import Method, Plan
-
-SETTINGS = {
-    "tome r=13": ("tome", {"r": 13}),
-    "topk keep=0.7 @3,6,9": ("topk", {"keep_rate": 0.7, "layers": (3, 6, 9)}),
-    "evit keep=0.7 @3,6,9": ("evit", {"keep_rate": 0.7, "layers": (3, 6, 9)}),
-    "gtp r=8": ("gtp", {"r": 8}),
-    "ppt r=50 @3,6,9": ("ppt", {"r": 50, "layers": (3, 6, 9)}),
-}
 
 
 class SameTokenCounts(Method):

@@ -240,11 +240,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         ax_mem.set_ylabel("peak memory of one forward pass, MB")
         ax_mem.set_title("peak memory (eager)", fontsize=9)
         ax_mem.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "speed_sizes.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "speed_sizes.png"))
     rows = [r for r in result.get("rows") or [] if r["label"] != "unreduced"]
     if rows:
         labels = list(dict.fromkeys(r["label"] for r in rows))
@@ -267,13 +263,18 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"{result.get('model')}, {env.get('device')} {env.get('dtype')}: share of the ceiling",
                      fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "speed_batch.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "speed_batch.png"))
     return written
 
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 # --- measuring ----------------------------------------------------------------------------------------------
 
