@@ -160,6 +160,8 @@ def test_reduced_forward_intermediates_are_full_grids_at_the_reduced_cost(case, 
     assert [s.x.shape[1] for s in states] == counts and counts[-1] < model.num_prefix_tokens + h * w
     for blk in model.blocks:
         blk.attn.fused_attn = False
+    # The reduced cost itself, without a restore rule's work (counted apart: test_restore_rules.py).
+    tr.patch(model, method, restore="departure", **REDUCING[method])
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model.forward_intermediates(x)

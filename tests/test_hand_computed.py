@@ -367,8 +367,16 @@ def test_reduced_report_and_its_dict_and_text():
     assert text[0].split() == ["block", "tokens", "in", "tokens", "out", "GMACs"]
     assert text[2].split()[:3] == ["1", "7", "5"] and float(text[2].split()[3]) == pytest.approx(reduced / 1e9,
                                                                                                  abs=1e-4)
-    assert text[-1].startswith(f"method topk: {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} overhead")
-    assert text[-1].endswith(f"(unreduced {report.baseline_gmacs:.3f}, ratio {report.ratio:.2f}x)")
+    assert text[-2].startswith(f"method topk: {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} overhead")
+    assert text[-2].endswith(f"(unreduced {report.baseline_gmacs:.3f}, ratio {report.ratio:.2f}x)")
+    # The default restore rule (reconstruct) of a dense output: similarities of the 2 leaving tokens to the 4 remaining
+    # image tokens (2*4*4), passing the 6 patches' weights on (6*2*5), the final product (6 patches x 5 tokens x 4).
+    assert report.restore_gmacs * 1e9 == pytest.approx(2 * 4 * 4 + 6 * 2 * 5 + 6 * 5 * 4, **exact)
+    assert d["restore_gmacs"] == report.restore_gmacs
+    assert report.dense_gmacs == pytest.approx(report.total_gmacs + report.restore_gmacs, **exact)
+    assert text[-1] == f"dense output: + {report.restore_gmacs:.4f} GMACs of the restore rule"
+    departure = analytic_flops(info, create_method("topk", r=[0, 2], layers=None, restore="departure"))
+    assert departure.restore_gmacs == 0 and str(departure).splitlines()[-1].startswith("method topk")
 
 
 def test_built_model_report_and_block_costs_by_hand():

@@ -16,6 +16,7 @@ from .adapters import adapter_for
 from .core.cost import FlopsReport, analytic_flops
 from .core.errors import InputError
 from .core.ops import restore
+from .core.restore import OPTION_NAMES as RESTORE_OPTIONS
 from .core.state import TokenState
 from .methods.base import Method, create_method, method_names
 
@@ -62,9 +63,11 @@ def _current(model: nn.Module) -> _Patch | None:
 
 def _as_method(method: str | Method, options: dict[str, Any]) -> Method:
     if isinstance(method, Method):
-        if options:
-            raise InputError(f"options {sorted(options)} given with a ready Method instance {method!r}")
-        return method
+        restore_options = {key: options[key] for key in RESTORE_OPTIONS if key in options}
+        others = sorted(set(options) - set(restore_options))
+        if others:
+            raise InputError(f"options {others} given with a ready Method instance {method!r}")
+        return method.with_restore(**restore_options) if restore_options else method
     return create_method(method, **options)
 
 
@@ -73,6 +76,11 @@ def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
 
     Patching an already patched model replaces its method. Every check runs before anything changes, so a
     bad method, option or schedule leaves the model exactly as it was.
+
+    ``restore`` chooses what a dense output (``forward_features``, intermediates, ``last_hidden_state``, ...)
+    gives a patch whose token left: ``"departure"``, ``"nearest"``, ``"reconstruct"`` (with ``restore_k``,
+    ``restore_tau``, ``restore_weights``) or, for GTP, ``"graph"``; None is the method's default
+    (``tokenreduce.core.restore``). Outputs that read only the prefix tokens are the same under every rule.
 
     >>> import timm, tokenreduce as tr
     >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224"), "tome", r=13)
@@ -151,6 +159,7 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
         "tokens_in": [b.tokens_in for b in report.blocks],
         "tokens_out": [b.tokens_out for b in report.blocks],
         "notes": list(report.notes),
+        "restore": None if method is None else method.restore_rule.as_dict(),
     }
     if method is not None:
         plan = method.plan(info.num_tokens, info.num_prefix, info.depth)
@@ -218,11 +227,14 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
                      f"(unreduced {cost(0):.3f}); try a larger target")
 
 
-def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dense: bool = True) -> list[TokenState]:
+def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dense: bool = True,
+          **restore_options: Any) -> list[TokenState]:
     """Run ``model`` as patched now and return the token state after every block (before the final norm).
 
     Each state has ``owner`` (which token holds every input patch) when ``track_owner`` is on, and with
-    ``dense`` what :func:`restore` needs to rebuild the full token grid at that block.
+    ``dense`` what :func:`restore` needs to rebuild the full token grid at that block, under the model's restore
+    rule or the one given by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights`` (see
+    :func:`patch`).
 
     >>> import timm, torch, tokenreduce as tr
     >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224", depth=2), "tome", r=50)
@@ -231,8 +243,14 @@ def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dens
     ([147, 97], (1, 197, 192))
     """
     model = unwrap(model)
+    unknown = sorted(set(restore_options) - set(RESTORE_OPTIONS))
+    if unknown:
+        raise InputError(f"trace: unknown options {unknown}; valid: {', '.join(RESTORE_OPTIONS)}")
+    method = method_of(model)
+    if method is not None and restore_options:
+        method = method.with_restore(**restore_options)
     states: list[TokenState] = []
-    adapter_for(model).forward_tokens(model, images, method_of(model), track_owner=track_owner, dense=dense,
+    adapter_for(model).forward_tokens(model, images, method, track_owner=track_owner, dense=dense,
                             on_block=lambda i, s: states.append(s))
     return states
 

@@ -67,6 +67,8 @@ def run_blocks(blocks: Sequence[nn.Module], state: TokenState, method: Any, step
     plan = None
     if method is not None:
         plan = method.plan(state.num_tokens, state.num_prefix, len(blocks))
+        if state.left is not None:  # a dense output: the method's restore rule decides what left patches get
+            state = state.replace(rule=method.restore_rule)
         state = method.begin(state, plan)
     grad = torch.is_grad_enabled()
     for i, block in enumerate(blocks if stop is None else list(blocks)[: stop + 1]):

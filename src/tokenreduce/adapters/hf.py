@@ -242,6 +242,7 @@ def model_info(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
         in_chans=base.config.num_channels,
         grid=grid,
         head_macs=head,
+        dense_output=name not in PREFIX_HEADS,  # every other output has a restored last_hidden_state
     )
 
 

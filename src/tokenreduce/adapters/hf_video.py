@@ -167,6 +167,7 @@ def model_info(model: nn.Module, img_size: int | tuple[int, int] | None = None) 
         in_chans=base.config.num_channels,
         grid=video_grid(base, img_size),
         head_macs=head,
+        dense_output=name != "VivitForVideoClassification",  # the others return a restored last_hidden_state
     )
 
 

@@ -107,6 +107,7 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
         in_chans=model.conv1.in_channels,
         grid=grid,
         head_macs=head_macs,
+        dense_output=uses_dense_output(model),
     )
 
 

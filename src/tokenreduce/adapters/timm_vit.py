@@ -75,6 +75,7 @@ def model_info(model: VisionTransformer, img_size: int | tuple[int, int] | None 
         in_chans=model.patch_embed.proj.in_channels,
         grid=grid_for(model, img_size),
         head_macs=head_macs,
+        dense_output=uses_dense_head(model),
     )
 
 

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .restore import restore_macs
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -44,6 +46,9 @@ class ModelInfo:
     in_chans: int
     grid: tuple[int, ...]  # the (h, w) patch grid, or (t, h, w) for a video model
     head_macs: int
+    #: Whether the model's own forward returns or pools the restored full grid (average pooling, a
+    #: ``last_hidden_state``): then its cost includes the restore rule's work.
+    dense_output: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -91,7 +96,11 @@ class FlopsReport:
 
     ``gmacs`` counts the network itself (embedding, blocks at their reduced token counts, head);
     ``overhead_gmacs`` the reduction's own products (similarities, graph, score rows);
-    ``total_gmacs`` both; ``baseline_gmacs`` the same model unreduced.
+    ``total_gmacs`` the cost of the model's own forward; ``baseline_gmacs`` the same model unreduced.
+    ``restore_gmacs`` is the extra work of the restore rule (``core.restore``) whenever a dense output is made
+    (``forward_features``, intermediates, ``last_hidden_state``): in ``total_gmacs`` only when the model's own
+    forward makes one (``dense_output``: an average-pooled head, a ``last_hidden_state``), never for a head that
+    reads the CLS token; ``dense_gmacs`` is the cost of a dense output in any case.
     """
 
     method: str | None
@@ -103,10 +112,17 @@ class FlopsReport:
     head_gmacs: float
     blocks: list[BlockCost] = field(default_factory=list)
     notes: tuple[str, ...] = ()
+    restore_gmacs: float = 0.0
+    dense_output: bool = False
 
     @property
     def total_gmacs(self) -> float:
-        return self.gmacs + self.overhead_gmacs
+        return self.gmacs + self.overhead_gmacs + (self.restore_gmacs if self.dense_output else 0.0)
+
+    @property
+    def dense_gmacs(self) -> float:
+        """The cost of a forward pass that makes a dense output: the network, the overhead, the restore rule."""
+        return self.gmacs + self.overhead_gmacs + self.restore_gmacs
 
     @property
     def ratio(self) -> float:
@@ -120,6 +136,9 @@ class FlopsReport:
             "gmacs": self.gmacs,
             "overhead_gmacs": self.overhead_gmacs,
             "total_gmacs": self.total_gmacs,
+            "restore_gmacs": self.restore_gmacs,
+            "dense_output": self.dense_output,
+            "dense_gmacs": self.dense_gmacs,
             "baseline_gmacs": self.baseline_gmacs,
             "ratio": self.ratio,
             "embed_gmacs": self.embed_gmacs,
@@ -135,6 +154,8 @@ class FlopsReport:
         lines += [f"{b.index:>5} {b.tokens_in:>9} {b.tokens_out:>10} {b.gmacs:>8.4f}" for b in self.blocks]
         lines.append(f"method {self.method}: {self.gmacs:.3f} GMACs + {self.overhead_gmacs:.4f} overhead "
                      f"(unreduced {self.baseline_gmacs:.3f}, ratio {self.ratio:.2f}x)")
+        if self.restore_gmacs:
+            lines.append(f"dense output: + {self.restore_gmacs:.4f} GMACs of the restore rule")
         return "\n".join(lines)
 
 
@@ -226,6 +247,9 @@ def analytic_flops(info: ModelInfo, method: MethodLike | None) -> FlopsReport:
     plan = _unreduced(info) if method is None else method.plan(info.num_tokens, info.num_prefix, info.depth)
     total, blocks, embed, head = plan_macs(info, plan)
     overhead = 0.0 if method is None else method.overhead_macs(plan, info.dim, info.heads, info.num_prefix)
+    rule = getattr(method, "restore_rule", None)
+    restore = 0 if rule is None else restore_macs(rule, method.leaving(plan), list(plan.tokens_in),
+                                                  info.num_prefix, info.num_patches, info.dim, plan.tokens_out[-1])
     return FlopsReport(
         method=None if method is None else method.name,
         img_size=_img_size(info),
@@ -236,6 +260,8 @@ def analytic_flops(info: ModelInfo, method: MethodLike | None) -> FlopsReport:
         head_gmacs=head / 1e9,
         blocks=blocks,
         notes=plan.notes,
+        restore_gmacs=restore / 1e9,
+        dense_output=info.dense_output,
     )
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
+from .restore import RULES, carry_weights, merge_weights, similarity_links
 from .state import TokenState
 
 
@@ -174,6 +175,12 @@ def remap_owner(owner: torch.Tensor | None, destination: torch.Tensor) -> torch.
     return torch.where(owner < 0, owner, moved)
 
 
+def _newly_left(state: TokenState, leaving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patches whose token is among ``leaving`` and that had not left before, ``B x n0`` bool; their carrier)."""
+    carrier = state.owner.clamp(min=0)
+    return leaving.gather(1, carrier) & (state.owner >= 0) & ~state.left, carrier
+
+
 def record_departures(state: TokenState, leaving: torch.Tensor) -> TokenState:
     """Mark the patches carried by the tokens ``leaving`` (``B x N`` bool) as left, keeping the feature their
     token has now; a no-op unless the state tracks dense output.
@@ -185,10 +192,46 @@ def record_departures(state: TokenState, leaving: torch.Tensor) -> TokenState:
     """
     if state.left is None:
         return state
-    carrier = state.owner.clamp(min=0)
-    now = leaving.gather(1, carrier) & (state.owner >= 0) & ~state.left
+    now, carrier = _newly_left(state, leaving)
     left_x = torch.where(now.unsqueeze(-1), gather_tokens(state.x, carrier).to(state.left_x.dtype), state.left_x)
     return state.replace(left=state.left | now, left_x=left_x)
+
+
+def depart(state: TokenState, keep_index: torch.Tensor, leave_index: torch.Tensor,
+           links: torch.Tensor | None = None) -> TokenState:
+    """The bookkeeping of a step that keeps the tokens ``keep_index`` (``B x N'``, prefix first, in their new
+    order) and lets ``leave_index`` (``B x d``) go: their patches are recorded as left (:func:`record_departures`)
+    and, under a rule that follows tokens (``state.rule``, ``core.restore``), the left patches' weights pass
+    on along ``links`` (``B x d x N'``; by default the rule's similarity links). Features, sizes and owners are
+    the caller's. A no-op unless the state tracks dense output.
+
+    >>> from tokenreduce.core.restore import RestoreRule
+    >>> s = TokenState(torch.tensor([[[9.], [1.], [2.], [3.]]])).tracked(dense=True)
+    >>> s = s.replace(rule=RestoreRule("nearest"))
+    >>> out = depart(s, torch.tensor([[0, 1, 3]]), torch.tensor([[2]]))
+    >>> out.left.tolist(), out.left_weights.tolist()
+    ([[False, True, False]], [[[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])
+    """
+    if state.left is None:
+        return state
+    leaving = torch.zeros(state.x.shape[:2], dtype=torch.bool, device=state.x.device).scatter(1, leave_index, True)
+    rule = state.rule
+    if rule is None or not rule.tracks_weights or leave_index.shape[1] == 0:
+        return record_departures(state, leaving)
+    now, carrier = _newly_left(state, leaving)
+    out = record_departures(state, leaving)
+    if links is None:
+        links = similarity_links(state.x, keep_index, leave_index, state.num_prefix, rule)
+    return out.replace(left_weights=carry_weights(state.left_weights, now, carrier, keep_index, leave_index, links))
+
+
+def leaving_tokens(destination: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` tokens a step drops (``destination`` -1), ``B x count``, in their old order (no host sync).
+
+    >>> leaving_tokens(torch.tensor([[1, -1, 0, -1]]), 2).tolist()
+    [[1, 3]]
+    """
+    return (destination >= 0).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
 
 
 def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
@@ -201,7 +244,10 @@ def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
     owner = None
     if state.owner is not None:
         destination = kept_destination(index, num_tokens)
-        state = record_departures(state, destination < 0)
+        if state.rule is not None and state.rule.tracks_weights:
+            state = depart(state, index, leaving_tokens(destination, num_tokens - index.shape[1]))
+        else:
+            state = record_departures(state, destination < 0)
         owner = remap_owner(state.owner, destination)
     size = keep(state.size, index) if state.size is not None else None
     return state.replace(x=keep(state.x, index), size=size, owner=owner)
@@ -217,17 +263,23 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     size = state.sizes()
     new_size = merge(size, m)
     new_x = merge(state.x * size, m) / new_size
-    owner = None if state.owner is None else remap_owner(state.owner, merge_destination(m))
+    owner, left_weights = None, None
+    if state.owner is not None:
+        destination = merge_destination(m)
+        owner = remap_owner(state.owner, destination)
+        left_weights = merge_weights(state.left_weights, destination, new_size.shape[1])
     return state.replace(x=new_x if new_x.dtype == state.x.dtype else new_x.to(state.x.dtype), size=new_size,
-                         owner=owner)
+                         owner=owner, left_weights=left_weights)
 
 
-def restore(state: TokenState) -> torch.Tensor:
+def restore(state: TokenState, rule: str | None = None) -> torch.Tensor:
     """The full token grid of a reduced state, ``B x (num_prefix + h*w) x C``: prefix tokens first, then every
     input patch in raster order with the feature of the token that carries it, or, for a patch that left
-    (pruned, propagated away, fused), the feature its token had when it left. With nothing reduced this is
-    ``state.x`` itself. Needs a state traced with dense tracking (``TokenState.tracked(dense=True)``, e.g.
-    ``tr.trace(model, images)``).
+    (pruned, propagated away, fused), the feature its restore rule gives (``core.restore``): ``departure``, the
+    feature its token had when it left; ``nearest`` / ``reconstruct`` / ``graph``, the weighted final features of
+    the tokens it was linked to. ``rule`` None is the rule the state was traced with; ``departure`` is always
+    available. With nothing reduced this is ``state.x`` itself. Needs a state traced with dense tracking
+    (``TokenState.tracked(dense=True)``, e.g. ``tr.trace(model, images)``).
 
     >>> s = TokenState(torch.tensor([[[9.], [1.], [2.], [3.]]])).tracked(dense=True)
     >>> restore(keep_tokens(s, torch.tensor([[2]]))).flatten().tolist()
@@ -236,8 +288,23 @@ def restore(state: TokenState) -> torch.Tensor:
     if state.left is None or state.owner is None:
         raise InputError("restore needs a state with dense tracking (owner and left); trace the model with "
                          "tr.trace(model, images) or build the state with TokenState.tracked(dense=True)")
+    traced = "departure" if state.rule is None else state.rule.name
+    name = traced if rule is None else rule
+    if name not in RULES:
+        raise InputError(f"unknown restore rule {name!r}; valid rules: {', '.join(RULES)}")
+    if name not in ("departure", traced):
+        raise InputError(f"this state was traced with the {traced!r} restore rule, so it can restore with "
+                         f"{traced!r} or 'departure', not {name!r}; trace with tr.trace(model, images, "
+                         f"restore={name!r})")
     carried = gather_tokens(state.x, state.owner.clamp(min=0))
-    image = torch.where(state.left.unsqueeze(-1), state.left_x.to(carried.dtype), carried)
+    left_value = state.left_x.to(carried.dtype)
+    if name != "departure" and state.left_weights is not None:
+        weights = state.left_weights
+        total = weights.sum(dim=-1, keepdim=True)
+        followed = (weights / total.clamp(min=1e-12)).to(state.x.dtype) @ state.x
+        # A patch whose links all ended (GTP: a token with no kept neighbour) keeps its departure feature.
+        left_value = torch.where(total > 0, followed, left_value)
+    image = torch.where(state.left.unsqueeze(-1), left_value, carried)
     return torch.cat([state.x[:, : state.num_prefix], image], dim=1)
 
 

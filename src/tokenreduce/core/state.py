@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -25,6 +26,11 @@ class TokenState:
             EViT's inattentive token), ``B x n0`` bool; ``None`` unless dense output was asked for.
         left_x: the feature each patch's token had in the block where the patch left, ``B x n0 x C``
             (meaningless where ``left`` is False); ``None`` unless dense output was asked for.
+        rule: the restore rule of dense output (``core.restore.RestoreRule``), set from the method when a dense
+            state starts running; ``None`` reads as ``departure``.
+        left_weights: for the rules that follow the tokens a patch left to, every left patch's weights over the
+            current tokens, ``B x n0 x N`` float32 (``core.restore``); ``None`` until a patch leaves or when the
+            rule needs none.
         extras: per-forward scratch a method may keep (e.g. GTP's graph, PPT's policy per block), never
             stored on a module.
     """
@@ -36,6 +42,8 @@ class TokenState:
     grid: tuple[int, ...] = (0, 0)
     left: torch.Tensor | None = None
     left_x: torch.Tensor | None = None
+    rule: Any = None
+    left_weights: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @property

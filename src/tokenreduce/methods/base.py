@@ -12,6 +12,7 @@ and calls ``method.begin(state)`` once before block 0.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..core.errors import InputError
+from ..core.restore import OPTION_NAMES as RESTORE_OPTIONS
+from ..core.restore import RestoreRule, make_rule
 from ..core.state import TokenState
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -38,10 +41,21 @@ def method_names() -> list[str]:
 
 
 def create_method(name: str, **options: Any) -> Method:
-    """Build a registered method by name; an unknown name is a ``ValueError`` listing the known ones."""
+    """Build a registered method by name; an unknown name is a ``ValueError`` listing the known ones.
+
+    The restore options (``restore``, ``restore_k``, ``restore_tau``, ``restore_weights``: how a dense output
+    restores the patches whose token left, ``core.restore``) are taken here; the rest go to the method.
+
+    >>> create_method("topk", keep_rate=0.5, restore="nearest").restore_rule.name
+    'nearest'
+    """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise InputError(f"unknown token-reduction method {name!r}; known methods: {', '.join(method_names())}")
-    return _REGISTRY[name](**options)
+    restore_options = {key: options.pop(key) for key in RESTORE_OPTIONS if key in options}
+    method = _REGISTRY[name](**options)
+    if restore_options:
+        method.restore_rule = method.make_restore_rule(**restore_options)
+    return method
 
 
 @dataclass(frozen=True)
@@ -148,10 +162,31 @@ class Method:
     clamps: ClassVar[bool] = False
     #: The option ``schedule_for_flops`` searches: "r" (tokens per block) or "keep_rate".
     search_knob: ClassVar[str] = "r"
+    #: The restore rules of a dense output this method supports (``core.restore``) and its default, the one the
+    #: dense benchmark shows best (``benchmarks/dense.py``).
+    restore_rules: ClassVar[tuple[str, ...]] = ("departure", "nearest", "reconstruct")
+    default_restore: ClassVar[str] = "reconstruct"
 
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._plans: dict[tuple[int, int, int], Plan] = {}
+        self.restore_rule = RestoreRule(self.default_restore)
+
+    def make_restore_rule(self, **restore_options: Any) -> RestoreRule:
+        """The rule asked for by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights``, checked
+        against :attr:`restore_rules` (a ``ValueError`` naming the valid ones)."""
+        return make_rule(self.name, self.restore_rules, self.default_restore, **restore_options)
+
+    def with_restore(self, **restore_options: Any) -> Method:
+        """A copy of this method with another restore rule (the schedule and options shared)."""
+        other = copy.copy(self)
+        other.restore_rule = self.make_restore_rule(**restore_options)
+        return other
+
+    def leaving(self, plan: Plan) -> list[int]:
+        """Tokens that leave the sequence at each block (their patches depart; merges leave nothing): what a
+        restore rule works on. Default: the planned amounts (worst case for a per-image policy)."""
+        return list(plan.amounts)
 
     def diagnostics(self, states: list[TokenState]) -> dict[str, Any]:
         """Diagnostics of one traced forward pass (the states after every block, ``tr.trace``), as plain

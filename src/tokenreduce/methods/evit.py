@@ -7,6 +7,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.ops import gather_tokens, keep_tokens
+from ..core.restore import append_weights
 from ..core.state import TokenState
 from .base import register
 from .topk import DEFAULT_LAYERS, TopK, cls_scores, top_image_tokens
@@ -69,4 +70,5 @@ class EViT(TopK):
             x=torch.cat([kept.x, fused_x], dim=1),
             size=torch.cat([kept.size, fused_size], dim=1),
             owner=owner,
+            left_weights=append_weights(kept.left_weights),
         )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InputError, InputTypeError
-from ..core.ops import gather_tokens, kept_destination, record_departures, remap_owner
+from ..core.ops import depart, gather_tokens, kept_destination, remap_owner
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
 
@@ -242,6 +242,7 @@ class GTP(Method):
     """
 
     name = "gtp"
+    restore_rules = ("departure", "nearest", "reconstruct", "graph")
 
     def __init__(self, r: Any = 8, graph: str = "mixed", k: int = 8, alpha: float = 0.1,
                  selection: str = "mixed_attn_max", token_scale: bool = True, sparsity: float = 1.0,
@@ -342,10 +343,17 @@ class GTP(Method):
 
         owner = state.owner
         if owner is not None:
-            # For dense output a propagated token's patches keep the feature it had here; for pictures they
-            # follow the kept neighbour that received most of it.
-            state = record_departures(state, torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
-                                      .scatter_(1, propagated_index, True))
+            # For dense output a propagated token's patches are restored by the state's rule (``graph``: from the
+            # tokens it was propagated into, with these weights); for pictures they follow the kept neighbour that
+            # received most of it.
+            if state.left is not None:
+                links = None
+                if state.rule is not None and state.rule.name == "graph":
+                    # Each propagated token's receivers, weights G[K, r] normalised (zero without a kept neighbour).
+                    received = weights.transpose(1, 2)
+                    received = received / received.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+                    links = torch.cat([received.new_zeros(batch, amount, num_prefix), received], dim=2)
+                state = depart(state, index, propagated_index, links)
             best, receiver = weights.max(dim=1)
             receiver = torch.where(best > 0, receiver + num_prefix, torch.full_like(receiver, -1))
             destination = kept_destination(index, num_tokens).scatter_(1, propagated_index, receiver)

@@ -176,12 +176,21 @@ class PPT(Method):
         def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return None if a is None else torch.where(pool.view(-1, *[1] * (a.ndim - 1)), a, b)
 
+        pooled_weights, pruned_weights = pooled.left_weights, pruned.left_weights
+        if (pooled_weights is None) != (pruned_weights is None):  # only the pruning branch has left patches yet
+            pooled_weights = torch.zeros_like(pruned_weights) if pooled_weights is None else pooled_weights
+            pruned_weights = torch.zeros_like(pooled_weights) if pruned_weights is None else pruned_weights
         chosen = state.replace(x=pick(pooled.x, pruned.x), size=pick(pooled.size, pruned.size),
                                owner=pick(pooled.owner, pruned.owner), left=pick(pooled.left, pruned.left),
-                               left_x=pick(pooled.left_x, pruned.left_x))
+                               left_x=pick(pooled.left_x, pruned.left_x),
+                               left_weights=pick(pooled_weights, pruned_weights))
         return with_policy(chosen, block, pool)
 
     # --- cost -------------------------------------------------------------------------------------
+    def leaving(self, plan: Plan) -> list[int]:
+        # Images that prune let r tokens go, images that pool merge them; a mixed batch runs both branches.
+        return [0] * len(plan.amounts) if self.threshold == math.inf else list(plan.amounts)
+
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
         # Per reducing block entered by n tokens: the CLS row q_cls . K^T (n * D) for the scores and the
         # bipartite similarity (ceil(n/2) * floor(n/2) * head_dim), each unless the threshold makes it idle.

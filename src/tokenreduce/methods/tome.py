@@ -33,6 +33,8 @@ class ToMe(Method):
 
     name = "tome"
     clamps = True
+    #: Nothing leaves (every patch keeps its merged token's feature): the rules have nothing to do.
+    default_restore = "departure"
 
     def __init__(self, r: Any = 8, layers: Any = None, prop_attn: bool = True) -> None:
         super().__init__(r=r, layers=layers, prop_attn=prop_attn)
@@ -56,6 +58,9 @@ class ToMe(Method):
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
         return bipartite_merge(state, stats["metric"], amount)
+
+    def leaving(self, plan: Plan) -> list[int]:
+        return [0] * len(plan.amounts)  # merged patches keep their merged token's feature
 
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
         head_dim = dim // heads

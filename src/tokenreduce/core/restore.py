@@ -1,0 +1,188 @@
+"""Restore rules: which final feature a patch gets when its token left the sequence (dense output).
+
+A merged patch always takes its merged token's feature. A patch whose token *left* (pruned, propagated away,
+fused) gets, by rule:
+
+- ``departure``: the feature its token had in the block where it left (no extra work);
+- ``nearest``: the final feature of the remaining image token most similar to its token there (cosine of the
+  features the state has at that block), followed through later departures;
+- ``reconstruct`` (Expedit, Liang et al. 2022): the weighted sum of the final features of its ``k`` most
+  similar remaining image tokens there, weights ``softmax(tau * cosine)`` (``weights="cosine"``) or Expedit's
+  ``softmax(-tau * ||f_i - s_j||^2)`` on the raw features (``weights="distance"``); followed through later
+  departures;
+- ``graph`` (GTP only): the final features of the tokens it was propagated into, with the weights of GTP's
+  graph normalised to sum to 1 (its departure feature when it had no kept neighbour).
+
+"Followed through later departures" is exact: every left patch carries a row of weights over the current
+tokens (``TokenState.left_weights``, ``B x n0 x N``); when tokens leave, their columns are passed on with the
+weights of their own links, when tokens merge, their columns add. :func:`restore` then reads
+``left_weights @ x`` for the left patches. The links of one reduction step are a ``B x d x N'`` matrix (``d``
+leaving tokens, ``N'`` tokens after the step); nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+#: Every rule the core knows; a method lists those it supports (``graph`` is GTP's).
+RULES = ("departure", "nearest", "reconstruct", "graph")
+WEIGHTS = ("cosine", "distance")
+#: Options of ``tr.patch`` / ``create_method`` that choose the rule (all the others go to the method).
+OPTION_NAMES = ("restore", "restore_k", "restore_tau", "restore_weights")
+DEFAULT_K, DEFAULT_TAU = 4, 20.0
+
+
+@dataclass(frozen=True)
+class RestoreRule:
+    """A restore rule and its options (``k`` and ``tau``, ``weights`` are read by ``reconstruct`` only).
+
+    >>> RestoreRule("reconstruct", k=2).tracks_weights
+    True
+    """
+
+    name: str = "departure"
+    k: int = DEFAULT_K
+    tau: float = DEFAULT_TAU
+    weights: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise InputError(f"unknown restore rule {self.name!r}; valid rules: {', '.join(RULES)}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InputError(f"restore_k must be an integer >= 1, got {self.k!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, int | float) or not math.isfinite(self.tau) \
+                or self.tau <= 0:
+            raise InputError(f"restore_tau must be a positive number, got {self.tau!r}")
+        if self.weights not in WEIGHTS:
+            raise InputError(f"unknown restore_weights {self.weights!r}; valid: {', '.join(WEIGHTS)}")
+
+    @property
+    def tracks_weights(self) -> bool:
+        """Whether the rule needs ``left_weights`` (every rule but ``departure``)."""
+        return self.name != "departure"
+
+    def as_dict(self) -> dict:
+        if self.name != "reconstruct":
+            return {"name": self.name}
+        return asdict(self)
+
+
+def make_rule(method_name: str, supported: tuple[str, ...], default: str, restore: str | RestoreRule | None = None,
+              restore_k: int | None = None, restore_tau: float | None = None,
+              restore_weights: str | None = None) -> RestoreRule:
+    """The rule asked for by ``tr.patch``'s restore options, checked against the rules a method supports.
+
+    >>> make_rule("topk", ("departure", "nearest"), "departure", "nearest").name
+    'nearest'
+    """
+    if isinstance(restore, RestoreRule):
+        if restore_k is not None or restore_tau is not None or restore_weights is not None:
+            raise InputError("give restore_k / restore_tau / restore_weights inside the RestoreRule, not beside it")
+        rule = restore
+    else:
+        if restore is not None and not isinstance(restore, str):
+            raise InputError(f"restore must be a rule name or a RestoreRule, got {restore!r}")
+        extra = {key: value for key, value in (("k", restore_k), ("tau", restore_tau), ("weights", restore_weights))
+                 if value is not None}
+        rule = RestoreRule(default if restore is None else restore, **extra)
+    if rule.name not in supported:
+        raise InputError(f"{method_name}: restore rule {rule.name!r} is not available for this method; "
+                         f"valid: {', '.join(supported)}")
+    return rule
+
+
+# --- links of one reduction step ------------------------------------------------------------------------------
+
+def similarity_links(x: torch.Tensor, keep_index: torch.Tensor, leave_index: torch.Tensor, num_prefix: int,
+                     rule: RestoreRule) -> torch.Tensor:
+    """Each leaving token's weights over the tokens that remain, ``B x d x N'`` (float32, rows sum to 1), for
+    ``nearest`` (its most similar remaining image token) and ``reconstruct`` (its ``k`` most similar, softmax
+    weights). ``x`` holds the tokens before the step (``B x N x C``), ``keep_index`` (``B x N'``, prefix first)
+    the remaining ones in their new order, ``leave_index`` (``B x d``) the leaving ones. Prefix tokens are never
+    linked to. Decided in float32 whatever the model's dtype.
+
+    >>> x = torch.tensor([[[0., 0.], [1., 0.], [0., 1.], [1., .1]]])
+    >>> similarity_links(x, torch.tensor([[0, 1, 2]]), torch.tensor([[3]]), 1, RestoreRule("nearest")).tolist()
+    [[[0.0, 1.0, 0.0]]]
+    """
+    from .ops import gather_tokens
+
+    leaving = gather_tokens(x, leave_index).float()
+    remaining = gather_tokens(x, keep_index[:, num_prefix:]).float()
+    if rule.name == "reconstruct" and rule.weights == "distance":
+        logits = -rule.tau * torch.cdist(leaving, remaining).square()
+    else:
+        logits = F.normalize(leaving, dim=-1) @ F.normalize(remaining, dim=-1).transpose(1, 2)
+        if rule.name == "reconstruct":
+            logits = rule.tau * logits
+    k = 1 if rule.name == "nearest" else min(rule.k, remaining.shape[1])
+    top = logits.topk(k, dim=-1)
+    weights = top.values.softmax(dim=-1) if k > 1 else torch.ones_like(top.values)
+    links = torch.zeros(*leaving.shape[:2], keep_index.shape[1], device=x.device)
+    return links.scatter(2, top.indices + num_prefix, weights)
+
+
+def carry_weights(left_weights: torch.Tensor | None, newly_left: torch.Tensor, carrier: torch.Tensor,
+                  keep_index: torch.Tensor, leave_index: torch.Tensor, links: torch.Tensor) -> torch.Tensor:
+    """The left patches' weights after a step that keeps ``keep_index`` and lets ``leave_index`` go with
+    ``links`` (``B x d x N'``): kept columns move to their new place, a leaving column is passed on along its
+    links, and every patch leaving now (``newly_left``, ``B x n0``, carried by ``carrier``) starts from its token.
+
+    >>> w = carry_weights(None, torch.tensor([[True, False]]), torch.tensor([[1, 2]]), torch.tensor([[0, 2]]),
+    ...                   torch.tensor([[1]]), torch.tensor([[[0., 1.]]]))
+    >>> w.tolist()
+    [[[0.0, 1.0], [0.0, 0.0]]]
+    """
+    batch, n0 = carrier.shape
+    if left_weights is None:
+        left_weights = torch.zeros(batch, n0, leave_index.shape[1] + keep_index.shape[1], device=carrier.device)
+    start = left_weights.scatter_add(2, carrier.unsqueeze(-1), newly_left.to(left_weights.dtype).unsqueeze(-1))
+    kept = start.gather(2, keep_index.unsqueeze(1).expand(-1, n0, -1))
+    leaving = start.gather(2, leave_index.unsqueeze(1).expand(-1, n0, -1))
+    return kept + leaving @ links
+
+
+def merge_weights(left_weights: torch.Tensor | None, destination: torch.Tensor, num_tokens: int
+                  ) -> torch.Tensor | None:
+    """The left patches' weights after a merge (``destination``, ``B x N``: every old token's new position):
+    the columns of merged tokens add."""
+    if left_weights is None:
+        return None
+    batch, n0 = left_weights.shape[:2]
+    out = torch.zeros(batch, n0, num_tokens, dtype=left_weights.dtype, device=left_weights.device)
+    return out.scatter_add(2, destination.unsqueeze(1).expand(-1, n0, -1), left_weights)
+
+
+def append_weights(left_weights: torch.Tensor | None, count: int = 1) -> torch.Tensor | None:
+    """The left patches' weights after ``count`` new tokens are appended (nobody links to them yet)."""
+    return None if left_weights is None else F.pad(left_weights, (0, count))
+
+
+# --- cost -----------------------------------------------------------------------------------------------------
+
+def restore_macs(rule: RestoreRule, leaving: list[int], tokens_in: list[int], num_prefix: int, num_patches: int,
+                 dim: int, final_tokens: int) -> int:
+    """MACs of a rule's extra work for one image, counted as ``FlopCounterMode`` counts them: per step with
+    ``d`` leaving tokens of ``n`` the similarities ``d x (n - d - prefix) x C`` (nearest, reconstruct), the
+    passing on of the left weights ``n0 x d x (n - d)``, and once the final ``n0 x N_final x C`` product.
+
+    >>> restore_macs(RestoreRule("departure"), [2], [5], 1, 4, 8, 3)
+    0
+    >>> restore_macs(RestoreRule("nearest"), [2], [5], 1, 4, 8, 3) == 2 * 2 * 8 + 4 * 2 * 3 + 4 * 3 * 8
+    True
+    """
+    if not rule.tracks_weights or not any(leaving):
+        return 0
+    macs = 0
+    for d, n in zip(leaving, tokens_in, strict=True):
+        if d:
+            if rule.name in ("nearest", "reconstruct"):
+                macs += d * (n - d - num_prefix) * dim
+            macs += num_patches * d * (n - d)
+    return macs + num_patches * final_tokens * dim
