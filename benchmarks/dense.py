@@ -659,8 +659,8 @@ def picture(path: Path, pictures: dict, rows: list[dict], photos: PhotoSet) -> N
                 axes[row, col].set_title(name.replace(f" @ {RULE_LEVEL}", ""), fontsize=8)
         for ax in axes[row]:
             ax.axis("off")
-    fig.suptitle(f"saliency maps: unreduced and restored token grids at {RULE_LEVEL} of the unreduced GMACs "
-                 "(each method under its best restore rule)", fontsize=10)
+    fig.suptitle(f"saliency maps at {RULE_LEVEL} of the unreduced GMACs\n(each method under its best restore rule)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
