@@ -115,17 +115,24 @@ def similarity_links(x: torch.Tensor, keep_index: torch.Tensor, leave_index: tor
 
     leaving = gather_tokens(x, leave_index).float()
     remaining = gather_tokens(x, keep_index[:, num_prefix:]).float()
-    if rule.name == "reconstruct" and rule.weights == "distance":
-        logits = -rule.tau * torch.cdist(leaving, remaining).square()
-    else:
-        logits = F.normalize(leaving, dim=-1) @ F.normalize(remaining, dim=-1).transpose(1, 2)
-        if rule.name == "reconstruct":
-            logits = rule.tau * logits
-    k = 1 if rule.name == "nearest" else min(rule.k, remaining.shape[1])
-    top = logits.topk(k, dim=-1)
-    weights = top.values.softmax(dim=-1) if k > 1 else torch.ones_like(top.values)
-    links = torch.zeros(*leaving.shape[:2], keep_index.shape[1], device=x.device)
-    return links.scatter(2, top.indices + num_prefix, weights)
+    with _float32(x):
+        if rule.name == "reconstruct" and rule.weights == "distance":
+            logits = -rule.tau * torch.cdist(leaving, remaining).square()
+        else:
+            logits = F.normalize(leaving, dim=-1) @ F.normalize(remaining, dim=-1).transpose(1, 2)
+            if rule.name == "reconstruct":
+                logits = rule.tau * logits
+        k = 1 if rule.name == "nearest" else min(rule.k, remaining.shape[1])
+        top = logits.topk(k, dim=-1)
+        weights = top.values.softmax(dim=-1) if k > 1 else torch.ones_like(top.values)
+        links = torch.zeros(*leaving.shape[:2], keep_index.shape[1], device=x.device)
+        return links.scatter(2, top.indices + num_prefix, weights)
+
+
+def _float32(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: the rules decide and carry their weights in float32 (an autocast matmul
+    would round the similarities and the weights to bfloat16 / float16)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def carry_weights(left_weights: torch.Tensor | None, newly_left: torch.Tensor, carrier: torch.Tensor,
@@ -145,7 +152,8 @@ def carry_weights(left_weights: torch.Tensor | None, newly_left: torch.Tensor, c
     start = left_weights.scatter_add(2, carrier.unsqueeze(-1), newly_left.to(left_weights.dtype).unsqueeze(-1))
     kept = start.gather(2, keep_index.unsqueeze(1).expand(-1, n0, -1))
     leaving = start.gather(2, leave_index.unsqueeze(1).expand(-1, n0, -1))
-    return kept + leaving @ links
+    with _float32(links):
+        return kept + leaving @ links.float()
 
 
 def merge_weights(left_weights: torch.Tensor | None, destination: torch.Tensor, num_tokens: int
