@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", nargs="*", type=parse_level, default=list(LEVELS),
                         help="cost levels as shares of the unreduced GMACs: 85 65 50 (default: all)")
     parser.add_argument("--rules", nargs="*", choices=RULES, default=list(RULES),
-                        help=f"restore rules at {RULE_LEVEL} (default: all a method has; ToMe: its default)")
+                        help=f"restore rules at {RULE_LEVEL}% (default: all a method has; ToMe: its default)")
     parser.add_argument("--restore-k", type=int, help="reconstruct: neighbours (library default if not given)")
     parser.add_argument("--restore-tau", type=float, help="reconstruct: softmax temperature")
     parser.add_argument("--restore-weights", choices=("cosine", "distance"), help="reconstruct: weights")
