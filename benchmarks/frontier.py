@@ -1,6 +1,6 @@
 """The accuracy/cost frontier of every training-free method on the offline benchmark classifier.
 
-The model: ``/work/shared/models/dinov2_s14_cifar10.safetensors`` (DINOv2 ViT-S/14 + linear head on
+The model: ``../shared/models/dinov2_s14_cifar10.safetensors`` (DINOv2 ViT-S/14 + linear head on
 CIFAR-10, see its README). The data: the first ``--per-class`` test images of each CIFAR-10 class (sorted
 names), resized 32 -> 224 bicubic (no crop), ImageNet mean/std, preprocessed once and cached; every point
 is evaluated on the same tensor. Each method is scheduled to fractions of the unreduced GMACs with
@@ -40,8 +40,10 @@ from tokenreduce.measure.speed import environment, method_speedups  # noqa: E402
 from tokenreduce.methods.base import _REGISTRY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_FILE = Path("/work/shared/models/dinov2_s14_cifar10.safetensors")
-DATA_DIR = Path("/work/shared/data/cifar10/test")
+# The shared data and models: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", ROOT.parent / "shared")).expanduser()
+MODEL_FILE = DATA_ROOT / "models" / "dinov2_s14_cifar10.safetensors"
+DATA_DIR = DATA_ROOT / "data" / "cifar10" / "test"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

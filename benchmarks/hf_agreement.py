@@ -1,6 +1,6 @@
 """Real-model agreement of the timm and Hugging Face paths (issue 12, item 4).
 
-The benchmark classifier (``/work/shared/models/dinov2_s14_cifar10.safetensors``: timm ``vit_small_patch14_dinov2``,
+The benchmark classifier (``../shared/models/dinov2_s14_cifar10.safetensors``: timm ``vit_small_patch14_dinov2``,
 224 x 224, 10 classes) is converted by key mapping to ``transformers``' ``Dinov2ForImageClassification`` (its
 classifier reads ``[CLS, mean of patch tokens]``; timm's head reads the CLS only, so the patch-mean half of the
 classifier weight is zero), saved with ``save_pretrained`` to a temporary directory and loaded back with

@@ -31,9 +31,11 @@ import tokenreduce as tr
 from tokenreduce import stvit
 from tokenreduce.train import TrainConfig, evaluate, load_weights, train
 
-WEIGHTS = "/work/shared/models/dinov2_s14_cifar10.safetensors"
-TRAIN = "/work/shared/data/cifar10/train"
-TEST = "/work/shared/data/cifar10/test"
+# The shared data and models: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser()
+WEIGHTS = str(DATA_ROOT / "models" / "dinov2_s14_cifar10.safetensors")
+TRAIN = str(DATA_ROOT / "data" / "cifar10" / "train")
+TEST = str(DATA_ROOT / "data" / "cifar10" / "test")
 RESULTS = Path(__file__).parent / "results" / "stvit"
 CKPT_DIR = Path("/tmp/stvit_cifar10")
 STVIT_OPTIONS = {"num_semantic": 16, "full_blocks": 4, "pooling": "learned", "global_centres": True,

