@@ -192,7 +192,10 @@ def record_departures(state: TokenState, leaving: torch.Tensor) -> TokenState:
     """
     if state.left is None:
         return state
-    now, carrier = _newly_left(state, leaving)
+    return _record(state, *_newly_left(state, leaving))
+
+
+def _record(state: TokenState, now: torch.Tensor, carrier: torch.Tensor) -> TokenState:
     left_x = torch.where(now.unsqueeze(-1), gather_tokens(state.x, carrier).to(state.left_x.dtype), state.left_x)
     return state.replace(left=state.left | now, left_x=left_x)
 
@@ -219,7 +222,7 @@ def depart(state: TokenState, keep_index: torch.Tensor, leave_index: torch.Tenso
     if rule is None or not rule.tracks_weights or leave_index.shape[1] == 0:
         return record_departures(state, leaving)
     now, carrier = _newly_left(state, leaving)
-    out = record_departures(state, leaving)
+    out = _record(state, now, carrier)  # newly left patches found once, for left_x and for the weights
     if links is None:
         links = similarity_links(state.x, keep_index, leave_index, state.num_prefix, rule)
     return out.replace(left_weights=carry_weights(state.left_weights, now, carrier, keep_index, leave_index, links))
