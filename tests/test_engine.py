@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import MODEL_CASES, images, make_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
@@ -189,10 +190,8 @@ def meta_model(name: str) -> torch.nn.Module:
 
 
 def _counted_gmacs(model, x):
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
 
@@ -363,7 +362,10 @@ BAD = [
     ("topk", dict(keep_rate=1.5), ValueError, r"topk: keep_rate must be in \(0, 1\], got 1.5"),
     ("evit", dict(layers=(2, 12)), ValueError, r"evit: layer 12 is outside the model's blocks 0..3"),
     ("tome", dict(r=[1, 2, 3, 4, 5]), ValueError, r"tome: r lists 5 blocks but the model has 4"),
-    ("tome", dict(bogus=1), TypeError, r"bogus"),
+    ("tome", dict(bogus=1), ValueError, r"tome: unknown option 'bogus'; valid options: r, layers, prop_attn, restore"),
+    ("topk", dict(kep_rate=0.5), ValueError,
+     r"topk: unknown option 'kep_rate' \(did you mean 'keep_rate'\?\); valid options: keep_rate, r, layers"),
+    ("ppt", dict(treshold=1e-4), ValueError, r"ppt: unknown option 'treshold' \(did you mean 'threshold'\?\)"),
 ]
 
 

@@ -15,6 +15,7 @@ from conftest import make_model
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.transformer import VisionTransformer  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import tokenreduce as tr  # noqa: E402
@@ -122,7 +123,7 @@ def _counted_gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
     for blk in model.transformer.resblocks:
         blk.attn.fused_attn = False  # the counter sees neither SDPA nor nn.MultiheadAttention's fast path
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         model(x)
     return counter.get_total_flops() / 2 / 1e9
 

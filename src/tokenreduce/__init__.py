@@ -23,6 +23,7 @@ from .api import (
     trace,
     unpatch,
 )
+from .core.cost import count_gmacs
 from .core.errors import InputError, InputTypeError, MissingExtraError, TokenReduceError
 from .core.state import TokenState
 from .export import OnnxExport, export_onnx
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "Plan",
     "TokenState",
+    "count_gmacs",
     "describe",
     "diagnostics",
     "export_onnx",

@@ -12,7 +12,7 @@ resumed from an epoch checkpoint ends where an uninterrupted run ends, and N pro
 batch b follow one process with batch N*b (same global batches, gradients averaged by DDP).
 
 >>> from tokenreduce.train import TrainConfig, train          # doctest: +SKIP
->>> result = train(model, TrainConfig(data="cifar10/train", out="runs/a", epochs=3, freeze_blocks=4))
+>>> result = train(model, TrainConfig(data="cifar10/train", out="runs/a", epochs=3, freeze_blocks=4))  # doctest: +SKIP
 """
 
 from __future__ import annotations

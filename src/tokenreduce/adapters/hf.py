@@ -261,16 +261,15 @@ def hf_attention(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | Non
     :func:`attend`, with the log-size bias and the statistics a method asks for."""
     batch, num, _ = x.shape
     heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
-    shape = (batch, num, heads, -1)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    # Explicit head size, not -1: an empty batch (0 elements) cannot infer it.
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(batch, num, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
     scale = getattr(attn, "scaling", None) or attn.scale
     p = getattr(attn, "attention_dropout", None)
     p = (attn.dropout if p is None else p) if attn.training else 0.0
     out, stats = attend(q, k, v, scale, size_bias, need, has_cls, transform, fused=fused, dropout=p,
                         attn_drop=(lambda t: F.dropout(t, p, training=True)) if p else None)
-    out = out.transpose(1, 2).reshape(batch, num, -1)
+    out = out.transpose(1, 2).flatten(2)
     proj = getattr(attn, "o_proj", None) or attn.out_proj
     return proj(out), stats
 
@@ -366,9 +365,9 @@ def siglip_pool(base: nn.Module, x: torch.Tensor, size: torch.Tensor | None, fus
     w, b = mha.in_proj_weight, mha.in_proj_bias
     bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
     probe = head.probe.repeat(batch, 1, 1)
-    q = F.linear(probe, w[:dim], bq).view(batch, 1, heads, -1).transpose(1, 2)
-    k = F.linear(x, w[dim:2 * dim], bk).view(batch, num, heads, -1).transpose(1, 2)
-    v = F.linear(x, w[2 * dim:], bv).view(batch, num, heads, -1).transpose(1, 2)
+    q = F.linear(probe, w[:dim], bq).view(batch, 1, heads, dim // heads).transpose(1, 2)
+    k = F.linear(x, w[dim:2 * dim], bk).view(batch, num, heads, dim // heads).transpose(1, 2)
+    v = F.linear(x, w[2 * dim:], bv).view(batch, num, heads, dim // heads).transpose(1, 2)
     bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)
     p = mha.dropout if mha.training else 0.0
     out, _ = attend(q, k, v, (dim // heads) ** -0.5, bias, (), False, None, fused=fused, dropout=p,

@@ -180,14 +180,14 @@ def videomae_attention(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor
     :func:`attend`, with the log-size bias and the statistics a method asks for (no CLS token)."""
     self_attn = attn.attention
     batch, num, _ = x.shape
-    shape = (batch, num, self_attn.num_attention_heads, -1)
-    q = self_attn.query(x).view(shape).transpose(1, 2)
-    k = self_attn.key(x).view(shape).transpose(1, 2)
-    v = self_attn.value(x).view(shape).transpose(1, 2)
+    heads = self_attn.num_attention_heads
+    # Explicit head size, not -1: an empty batch (0 elements) cannot infer it.
+    q, k, v = self_attn.query(x), self_attn.key(x), self_attn.value(x)
+    q, k, v = (t.view(batch, num, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
     p = self_attn.dropout_prob if self_attn.training else 0.0
     out, stats = attend(q, k, v, self_attn.scaling, size_bias, need, False, transform, fused=fused, dropout=p,
                         attn_drop=(lambda t: F.dropout(t, p, training=True)) if p else None)
-    out = out.transpose(1, 2).reshape(batch, num, -1)
+    out = out.transpose(1, 2).flatten(2)
     return attn.output.dropout(attn.output.dense(out)), stats
 
 

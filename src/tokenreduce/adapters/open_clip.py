@@ -122,6 +122,9 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
                          "reduction in train mode; build the tower with patch_dropout=0 or set "
                          "model.patch_dropout = torch.nn.Identity()")
     grid = grid_for(model, tuple(images.shape[-2:]))
+    if images.shape[0] == 0:  # open_clip's _embeds reshapes with -1, which an empty batch cannot infer
+        return TokenState(x=model._embeds(images.new_zeros(1, *images.shape[1:]))[:0], num_prefix=NUM_PREFIX,
+                          grid=grid)
     return TokenState(x=model._embeds(images), num_prefix=NUM_PREFIX, grid=grid)
 
 
@@ -132,7 +135,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None,
     batch, num, width = x.shape
     heads = attn.num_heads
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(batch, num, heads, -1).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.reshape(batch, num, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
     custom = isinstance(attn, Attention)
     if custom:
         q, k = attn.ln_q(q), attn.ln_k(k)
@@ -238,7 +241,7 @@ class _TokenReduced(common.Reduced):
         prefix = [g[:, :NUM_PREFIX] for g in grids]
         intermediates = [g[:, NUM_PREFIX:] for g in grids]
         if output_fmt == "NCHW":
-            intermediates = [g.reshape(g.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates = [g.reshape(g.shape[0], height, width, g.shape[-1]).permute(0, 3, 1, 2).contiguous()
                              for g in intermediates]
         output: dict[str, Any] = {"image_intermediates": intermediates}
         if output_extra_tokens:

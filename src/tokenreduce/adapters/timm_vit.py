@@ -194,7 +194,7 @@ class _TokenReduced(common.Reduced):
         prefix = [g[:, :num_prefix] for g in grids] if num_prefix else None
         intermediates = [g[:, num_prefix:] for g in grids]
         if output_fmt == "NCHW":
-            intermediates = [g.reshape(g.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates = [g.reshape(g.shape[0], height, width, g.shape[-1]).permute(0, 3, 1, 2).contiguous()
                              for g in intermediates]
         if output_dict:
             out: dict[str, Any] = {"image_intermediates": intermediates}

@@ -19,33 +19,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_method_arguments(parser)
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument("--count", action="store_true",
-                        help="cross-check with torch's FlopCounterMode on one image (fused attention off), run on "
+                        help="cross-check with torch's FlopCounterMode on one image (math attention kernel), run on "
                              "--device with --dtype")
     _common.add_device_arguments(parser)
     _common.add_json_argument(parser)
 
 
 def counted_gmacs(model, img_size: tuple[int, int], device="cpu", dtype=None) -> float:
-    """GMACs of one image as torch's FlopCounterMode counts them (FLOPs / 2), the model run on ``device``
-    (autocast to ``dtype`` below float32: the count is the same).
-
-    The counter does not see every fused attention kernel (CPU's), so it runs with ``fused_attn`` off.
-    """
+    """GMACs of one image as torch's FlopCounterMode counts them (FLOPs / 2) under the math attention kernel
+    (``tr.count_gmacs``: the counter misses CPU's fused attention), the model run on ``device`` (autocast to
+    ``dtype`` below float32: the count is the same)."""
     import copy
 
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    import tokenreduce as tr
 
     from ..measure.speed import autocast
 
     model = copy.deepcopy(model).to(device)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), autocast(device, dtype or torch.float32), counter:
-        model(torch.randn(1, 3, *img_size, device=device))
-    return counter.get_total_flops() / 2 / 1e9
+    with autocast(device, dtype or torch.float32):
+        return tr.count_gmacs(model, torch.randn(1, 3, *img_size, device=device))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,10 @@ Statistics a method may ask for (by name; over the key tokens, from the queries)
 - ``"diag"``: the diagonal of the post-softmax map (each token's attention to itself), per head, ``B x H x N``.
 - ``"attn"``: the full post-softmax map, ``B x H x N x N`` (forces the unfused path).
 
+Every statistic is computed in float32 with autocast off, from the model's (possibly bfloat16 / float16) queries,
+keys and values (``core/precision.py``): methods rank and threshold them, and bf16 would turn near-ties into
+ties. The output stays in the model's dtype. In float32 without autocast nothing changes.
+
 Where no full map is needed the output uses ``F.scaled_dot_product_attention`` (the fused kernel) with the
 size bias as an additive float mask, and the CLS row is its own small product ``q_cls . K^T``.
 
@@ -30,6 +34,7 @@ pass for the statistics); elsewhere it comes from the fused kernel and the chunk
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection
 
 import torch
@@ -37,10 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .precision import at_least_float32, decide
 
 STATISTICS = frozenset({"metric", "cls_attn", "value_norm", "attn", "col_sum", "diag"})
 #: Statistics read from the post-softmax map, which ``map_statistics`` computes chunk by chunk.
 MAP_STATISTICS = frozenset({"col_sum", "diag"})
+#: Statistics a method ranks or thresholds that come from the post-softmax map: computed in float32.
+MAP_DECISIONS = frozenset({"attn", "cls_attn", "col_sum", "diag"})
 #: Elements of the map held at once by ``map_statistics`` (4 MiB in float32: a few images at DeiT-S sizes).
 MAP_CHUNK_ELEMENTS = 1 << 20
 #: How ``map_statistics`` produces the output: "chunked" (from the chunks of the map) or "fused" (from
@@ -73,8 +81,10 @@ def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = Non
     batch, num_q, _ = x.shape
     heads = attn.num_heads
     qkv = getattr(attn, "qkv", None)
+    # Explicit head widths, not -1: an empty batch (0 elements) cannot infer them.
     if qkv is not None and (context is None or context is x):  # self-attention: one fused projection
-        q, k, v = qkv(x).reshape(batch, num_q, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        head_dim = qkv.out_features // (3 * heads)
+        q, k, v = qkv(x).reshape(batch, num_q, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         context = x if context is None else context
         if qkv is not None:
@@ -83,17 +93,19 @@ def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = Non
             q, kv = F.linear(x, qkv.weight[:width], bias_q), F.linear(context, qkv.weight[width:], bias_kv)
         else:
             q, kv = attn.q(x), attn.kv(context)
-        q = q.reshape(batch, num_q, heads, -1).transpose(1, 2)
-        k, v = kv.reshape(batch, context.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(batch, num_q, heads, q.shape[-1] // heads).transpose(1, 2)
+        k, v = kv.reshape(batch, context.shape[1], 2, heads, kv.shape[-1] // (2 * heads)).permute(
+            2, 0, 3, 1, 4).unbind(0)
     return _maybe(attn, "q_norm", q), _maybe(attn, "k_norm", k), v
 
 
 def _map_chunk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """The post-softmax map of some images, with the reference path's exact arithmetic."""
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits += bias
-    return logits.softmax(dim=-1)
+    """The post-softmax map of some images, float32, with the reference path's exact arithmetic."""
+    with decide(q):
+        logits = (at_least_float32(q) * scale) @ at_least_float32(k).transpose(-2, -1)
+        if bias is not None:
+            logits += bias
+        return logits.softmax(dim=-1)
 
 
 def map_statistics(
@@ -128,11 +140,12 @@ def map_statistics(
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
     bias = None if size_bias is None else size_bias.to(q.dtype)
+    bias32 = None if size_bias is None else at_least_float32(size_bias)  # the map's bias, float32 like the map
     budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     if torch.compiler.is_compiling() or batch * heads * num_q * num_k <= budget:
         # One chunk: the reference arithmetic as it is (the compiler fuses it; a Python loop would unroll).
-        probs = _map_chunk(q, k, scale, bias)
-        out = probs @ v if kernel == "chunked" else None
+        probs = _map_chunk(q, k, scale, bias32)
+        out = probs.to(v.dtype) @ v if kernel == "chunked" else None
         stats = {}
         if "col_sum" in need:
             stats["col_sum"] = probs.sum(dim=-2)
@@ -144,15 +157,15 @@ def map_statistics(
         images = max(1, budget // (heads * num_q * num_k))
         query_rows = num_q if images > 1 else max(1, budget // (heads * num_k))
         out = q.new_empty(*q.shape[:3], v.shape[-1]) if kernel == "chunked" else None
-        columns = q.new_zeros(batch, heads, num_k) if "col_sum" in need else None
-        diagonal = q.new_empty(batch, heads, num_q) if "diag" in need else None
+        columns = q.new_zeros(batch, heads, num_k, dtype=torch.float32) if "col_sum" in need else None
+        diagonal = q.new_empty(batch, heads, num_q, dtype=torch.float32) if "diag" in need else None
         for first in range(0, batch, images):
             part = slice(first, first + images)
             for row in range(0, num_q, query_rows):
                 rows = slice(row, row + query_rows)
-                probs = _map_chunk(q[part, :, rows], k[part], scale, None if bias is None else bias[part])
+                probs = _map_chunk(q[part, :, rows], k[part], scale, None if bias32 is None else bias32[part])
                 if out is not None:
-                    out[part, :, rows] = probs @ v[part]
+                    out[part, :, rows] = probs.to(v.dtype) @ v[part]
                 if columns is not None:
                     columns[part] += probs.sum(dim=-2)
                 if diagonal is not None:  # the entries (i, i) of these rows: the block's diagonal at offset row
@@ -194,7 +207,6 @@ def attend(
     unknown = need - STATISTICS
     if unknown:
         raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
-    batch = q.shape[0]
     bias = None if size_bias is None else size_bias.to(q.dtype)
     stats: dict[str, torch.Tensor] = {}
 
@@ -203,21 +215,27 @@ def attend(
     full_map = ("attn" in need or transform is not None or not fused or ("cls_attn" in need and not has_cls)
                 or (dropout > 0 and bool(need & MAP_STATISTICS)))  # the chunks apply no dropout
     if full_map:
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits += bias  # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
-        probs = logits.softmax(dim=-1)
-        if transform is not None:
-            probs = transform(probs)
-        if "attn" in need:
-            stats["attn"] = probs
-        if "col_sum" in need:
-            stats["col_sum"] = probs.sum(dim=-2)
-        if "diag" in need:
-            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
-        if "cls_attn" in need:
-            stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
-        out = (probs if attn_drop is None else attn_drop(probs)) @ v
+        # A map a method reads (or thresholds, GTP's sparsification) is made in float32; otherwise in the
+        # model's dtype, as the model itself would.
+        decisive = bool(need & MAP_DECISIONS) or transform is not None
+        with decide(q) if decisive else contextlib.nullcontext():
+            logits = ((at_least_float32(q) * scale) @ at_least_float32(k).transpose(-2, -1) if decisive
+                      else (q * scale) @ k.transpose(-2, -1))
+            if bias is not None:
+                # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
+                logits += at_least_float32(size_bias) if decisive else bias
+            probs = logits.softmax(dim=-1)
+            if transform is not None:
+                probs = transform(probs)
+            if "attn" in need:
+                stats["attn"] = probs
+            if "col_sum" in need:
+                stats["col_sum"] = probs.sum(dim=-2)
+            if "diag" in need:
+                stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
+            if "cls_attn" in need:
+                stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
+        out = (probs if attn_drop is None else attn_drop(probs)).to(v.dtype) @ v
     else:
         if need & MAP_STATISTICS:
             out, stats = map_statistics(q, k, v, scale, size_bias, need & MAP_STATISTICS)
@@ -227,12 +245,15 @@ def attend(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                                  scale=None if default else scale)
         if "cls_attn" in need:
-            row = _add_bias((q[:, :, :1] * scale) @ k.transpose(-2, -1), bias)
-            stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
+            with decide(q):
+                row = _add_bias((at_least_float32(q[:, :, :1]) * scale) @ at_least_float32(k).transpose(-2, -1),
+                                None if bias is None else at_least_float32(size_bias))
+                stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
     if "metric" in need:
-        stats["metric"] = k.mean(dim=1)
+        stats["metric"] = at_least_float32(k).mean(dim=1)
     if "value_norm" in need:
-        stats["value_norm"] = v.transpose(1, 2).reshape(batch, v.shape[2], -1).norm(dim=-1)
+        with decide(v):
+            stats["value_norm"] = at_least_float32(v).transpose(1, 2).flatten(2).norm(dim=-1)
     return out, stats
 
 
@@ -266,7 +287,7 @@ def attention(
     dropout = attn.attn_drop.p if attn.training else 0.0
     out, stats = attend(q, k, v, attn.scale, size_bias, need, has_cls, transform,
                         fused=getattr(attn, "fused_attn", True), dropout=dropout, attn_drop=attn.attn_drop)
-    out = _maybe(attn, "norm", out.transpose(1, 2).reshape(batch, num_q, -1))
+    out = _maybe(attn, "norm", out.transpose(1, 2).flatten(2))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(x).sigmoid()
     return attn.proj_drop(attn.proj(out)), stats

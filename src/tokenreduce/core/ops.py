@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
+from .precision import at_least_float32, decide
 from .restore import RULES, carry_weights, merge_weights, similarity_links
 from .state import TokenState
 
@@ -96,9 +97,11 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
     >>> m.src.tolist(), m.dst.tolist(), m.stay.tolist()
     ([[0]], [[0]], [[1]])
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
+    with decide(metric):  # float32 whatever the model's dtype: bf16 similarities tie (core/precision.py)
+        metric = at_least_float32(metric)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
     # Prefix tokens sit at the front: A holds ceil(num_prefix / 2) of them, B floor(num_prefix / 2).
     if num_prefix:
         scores[:, : (num_prefix + 1) // 2, :] = -torch.inf
@@ -209,7 +212,7 @@ def depart(state: TokenState, keep_index: torch.Tensor, leave_index: torch.Tenso
     the caller's. A no-op unless the state tracks dense output.
 
     >>> from tokenreduce.core.restore import RestoreRule
-    >>> s = TokenState(torch.tensor([[[9.], [1.], [2.], [3.]]])).tracked(dense=True)
+    >>> s = TokenState(torch.tensor([[[9., 9.], [1., 0.], [.2, 1.], [0., 1.]]])).tracked(dense=True)
     >>> s = s.replace(rule=RestoreRule("nearest"))
     >>> out = depart(s, torch.tensor([[0, 1, 3]]), torch.tensor([[2]]))
     >>> out.left.tolist(), out.left_weights.tolist()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .precision import decide
 
 #: Every rule the core knows; a method lists those it supports (``graph`` is GTP's).
 RULES = ("departure", "nearest", "reconstruct", "graph")
@@ -115,7 +116,7 @@ def similarity_links(x: torch.Tensor, keep_index: torch.Tensor, leave_index: tor
 
     leaving = gather_tokens(x, leave_index).float()
     remaining = gather_tokens(x, keep_index[:, num_prefix:]).float()
-    with _float32(x):
+    with decide(x):
         if rule.name == "reconstruct" and rule.weights == "distance":
             logits = -rule.tau * torch.cdist(leaving, remaining).square()
         else:
@@ -127,12 +128,6 @@ def similarity_links(x: torch.Tensor, keep_index: torch.Tensor, leave_index: tor
         weights = top.values.softmax(dim=-1) if k > 1 else torch.ones_like(top.values)
         links = torch.zeros(*leaving.shape[:2], keep_index.shape[1], device=x.device)
         return links.scatter(2, top.indices + num_prefix, weights)
-
-
-def _float32(x: torch.Tensor) -> torch.autocast:
-    """Autocast off on ``x``'s device: the rules decide and carry their weights in float32 (an autocast matmul
-    would round the similarities and the weights to bfloat16 / float16)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def carry_weights(left_weights: torch.Tensor | None, newly_left: torch.Tensor, carrier: torch.Tensor,
@@ -152,7 +147,7 @@ def carry_weights(left_weights: torch.Tensor | None, newly_left: torch.Tensor, c
     start = left_weights.scatter_add(2, carrier.unsqueeze(-1), newly_left.to(left_weights.dtype).unsqueeze(-1))
     kept = start.gather(2, keep_index.unsqueeze(1).expand(-1, n0, -1))
     leaving = start.gather(2, leave_index.unsqueeze(1).expand(-1, n0, -1))
-    with _float32(links):
+    with decide(links):
         return kept + leaving @ links.float()
 
 

@@ -13,6 +13,8 @@ and calls ``method.begin(state)`` once before block 0.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,47 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def option_names(name: str) -> list[str]:
+    """The options a registered method takes (its keyword arguments), then the restore options.
+
+    >>> option_names("topk")
+    ['keep_rate', 'r', 'layers', 'prop_attn', 'restore', 'restore_k', 'restore_tau', 'restore_weights']
+    """
+    parameters = inspect.signature(_REGISTRY[name].__init__).parameters
+    own = [p.name for p in parameters.values() if p.name != "self" and p.kind in
+           (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return own + list(RESTORE_OPTIONS)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``' (did you mean 'x'?)'`` for the closest of ``choices`` to a mistyped ``word``, else ``''``.
+
+    >>> did_you_mean("kep_rate", ["keep_rate", "r"])
+    " (did you mean 'keep_rate'?)"
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """An :class:`InputError` naming the first option ``name`` does not take, its valid options and the closest.
+
+    >>> try:
+    ...     check_options("topk", {"kep_rate": 0.5})
+    ... except InputError as err:
+    ...     print(str(err).split(";")[0])
+    topk: unknown option 'kep_rate' (did you mean 'keep_rate'?)
+    """
+    parameters = inspect.signature(_REGISTRY[name].__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # a method that takes any keyword checks its options itself
+    valid = option_names(name)
+    for option in options:
+        if option not in valid:
+            raise InputError(f"{name}: unknown option {option!r}{did_you_mean(option, valid)}; valid options: "
+                             f"{', '.join(valid)}")
+
+
 def create_method(name: str, **options: Any) -> Method:
     """Build a registered method by name; an unknown name is a ``ValueError`` listing the known ones.
 
@@ -50,7 +93,9 @@ def create_method(name: str, **options: Any) -> Method:
     'nearest'
     """
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise InputError(f"unknown token-reduction method {name!r}; known methods: {', '.join(method_names())}")
+        raise InputError(f"unknown token-reduction method {name!r}; known methods: {', '.join(method_names())}"
+                         f"{did_you_mean(name, method_names()) if isinstance(name, str) else ''}")
+    check_options(name, options)
     restore_options = {key: options.pop(key) for key in RESTORE_OPTIONS if key in options}
     method = _REGISTRY[name](**options)
     if restore_options:

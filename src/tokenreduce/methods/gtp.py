@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..core.errors import InputError, InputTypeError
 from ..core.ops import depart, gather_tokens, kept_destination, remap_owner
+from ..core.precision import decide
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
 
@@ -107,7 +108,7 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
     n0 = tokens.shape[1]
     if not 1 <= k < n0:
         raise InputError(f"gtp: the semantic graph needs 1 <= k < {n0} image tokens, got k={k}")
-    with torch.no_grad():
+    with torch.no_grad(), decide(tokens):  # float32 cosine, also under autocast
         unit = F.normalize(tokens.detach().float(), dim=-1)
         similarity = unit @ unit.transpose(1, 2)
         similarity = _exclude_self(similarity)
@@ -324,7 +325,7 @@ class GTP(Method):
         # sub-matrix G[K, K] the next block uses is never materialised (it is the same entries of G).
         alive_kept, alive_propagated = alive.gather(1, kept), alive.gather(1, propagated)
         flat_index = (alive_kept * n0).unsqueeze(-1) + alive_propagated.unsqueeze(1)
-        weights = graph.flatten(1).gather(1, flat_index.flatten(1)).view(batch, -1, amount)
+        weights = graph.flatten(1).gather(1, flat_index.flatten(1)).view(batch, kept.shape[1], amount)
 
         index = torch.cat([torch.arange(num_prefix, device=x.device).expand(batch, -1), kept + num_prefix], dim=1)
         propagated_index = propagated + num_prefix

@@ -160,7 +160,8 @@ class PPT(Method):
         if self.threshold == 0.0:
             return with_policy(prune_lowest(state, scores, amount), block,
                                torch.zeros(batch, dtype=torch.bool, device=state.x.device))
-        pool = scores.var(dim=-1) < self.threshold  # B; unbiased variance
+        # B; unbiased variance (an empty batch has none to take: torch warns on it)
+        pool = scores.var(dim=-1) < self.threshold if batch else scores.new_zeros(0, dtype=torch.bool)
         if pool.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             # On CPU the policy is read for free (no device to wait for): when every image of the batch agrees,
             # only its branch runs (batch 1 always). Compiled, traced or on an accelerator, both branches run for

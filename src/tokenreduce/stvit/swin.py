@@ -124,7 +124,7 @@ class SemanticBlock(nn.Module):
         batch, count, dim = x.shape
         if self.group is not None:
             x = x.reshape(batch * count // self.group, self.group, dim)
-        return attention(self, x)[0].reshape(batch, count, -1)
+        return attention(self, x)[0].reshape(batch, count, x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.attend(self.norm1(x)))
