@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-lowest lint bench mutate
+.PHONY: setup demo test test-deep test-lowest lint bench mutate
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# The property-based tests (tests/test_properties.py) with the `deep` hypothesis profile: 10x the examples of the CI
+# profile, random seeds (CI runs them derandomized, as part of `make test`).
+test-deep: setup
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest tests/test_properties.py --hypothesis-show-statistics
 
 # The declared floor (lowest torch, torchvision, timm of pyproject.toml) in its own venv, and the fast subset there.
 test-lowest:

@@ -1,0 +1,262 @@
+"""Low precision and the methods' decisions (issue 22): does a bf16 / fp16 run reduce the same tokens as float32?
+
+Two measurements, each run once with the library as it is (``--label after``) and once with another checkout's
+``src`` first on the path (``--label before``: ``git worktree add /tmp/before <commit>`` then
+``PYTHONPATH=/tmp/before/src python benchmarks/precision.py ... --label before``), and ``report`` joins them:
+
+- ``classify``: the benchmark classifier (real DINOv2-S/14 + CIFAR-10 head, ``../shared/models``, the first
+  ``--per-class`` test images of each class, as ``frontier.py``), every training-free method at about 65% of the
+  unreduced GMACs: top-1 in float32 and in each low-precision mode, and the share of images whose low-precision
+  prediction equals the float32 one. Modes: ``autocast`` (``torch.autocast("cpu", bfloat16)``), ``bf16``
+  (``model.to(torch.bfloat16)``), ``fp16`` (``model.to(torch.float16)``). Per-image predictions are kept.
+- ``demo``: the demo's DINOv2-S/14 (real weights) on ImageNet photos: per method, the mean cosine between the
+  bf16-autocast and float32 restored patch features, the share of patches pruned differently (left the sequence
+  in one run and not in the other, or at another block) and of patch pairs grouped differently (in the same
+  token in one run and not in the other).
+
+    python benchmarks/precision.py classify --per-class 50 --modes autocast --label after
+    PYTHONPATH=/tmp/before/src python benchmarks/precision.py classify --per-class 50 --modes autocast --label before
+    python benchmarks/precision.py demo --label after
+    python benchmarks/precision.py report          # -> results/precision/{precision.json,table.md}
+
+Without native bf16 units (check ``lscpu`` for avx512_bf16 / amx) bf16 matmuls are emulated and several times
+slower than float32: size ``--per-class`` to fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import frontier  # noqa: E402  (the classifier, its images and their cache)
+
+import tokenreduce as tr  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "precision"
+LEVEL = 0.65
+MODES = {"autocast": "bf16 autocast", "bf16": "model.to(bfloat16)", "fp16": "model.to(float16)"}
+METHODS = ("tome", "topk", "evit", "gtp", "ppt")
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def library() -> dict:
+    src = Path(tr.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True)
+    return {"src": "this checkout" if src == ROOT / "src" else "another checkout",
+            "commit": head.stdout.strip() or "unknown"}
+
+
+def schedules(model: torch.nn.Module) -> dict[str, dict]:
+    """Each method's options at about ``LEVEL`` of the unreduced GMACs (and the unreduced model: None)."""
+    base = tr.flops(model).total_gmacs
+    out = {"unreduced": None}
+    for name in METHODS:
+        out[name] = tr.schedule_for_flops(model, name, target_gmacs=LEVEL * base)
+    return out
+
+
+@torch.inference_mode()
+def predictions(model: torch.nn.Module, images: torch.Tensor, mode: str, batch_size: int) -> torch.Tensor:
+    """Predicted classes of ``model`` on ``images`` in ``mode`` ("float32" or one of MODES)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+    net = model.to(dtype) if dtype is not None else model
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc=mode, leave=False):
+        x = images[start:start + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            logits = net(x.to(dtype) if dtype is not None else x)
+        out.append(logits.float().argmax(dim=-1))
+    model.float()
+    return torch.cat(out)
+
+
+def classify(args: argparse.Namespace) -> dict:
+    images, labels, _ = frontier.load_images(args.per_class, Path(args.cache))
+    model = frontier.load_model()
+    rows, start = [], time.time()
+    for name, options in schedules(model).items():
+        if name != "unreduced":
+            tr.patch(model, name, **options)
+        gmacs = tr.flops(model).total_gmacs
+        row = {"method": name, "options": options, "gmacs": gmacs}
+        modes = (["float32"] if args.label == "after" else []) + list(args.modes)
+        for mode in modes:
+            t = time.time()
+            predicted = predictions(model, images, mode, args.batch_size)
+            row[mode] = {"top1": float((predicted == labels).float().mean()) * 100,
+                         "predictions": predicted.tolist(), "seconds": round(time.time() - t, 1)}
+            print(f"{args.label} {name} {mode}: top-1 {row[mode]['top1']:.2f} ({row[mode]['seconds']} s)", flush=True)
+        rows.append(row)
+        if name != "unreduced":
+            tr.unpatch(model)
+        write(args.out, {"kind": "classify", "label": args.label, "library": library(), "images": len(images),
+                         "per_class": args.per_class, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                         "torch": torch.__version__, "level": LEVEL, "labels": labels.tolist(), "rows": rows,
+                         "seconds": round(time.time() - start)})
+    return {}
+
+
+def grouping(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B x n0 bool: the patch's token left the sequence, B x n0 x n0 bool: two patches share a token)."""
+    left = state.left if state.left is not None else torch.zeros_like(state.owner, dtype=torch.bool)
+    alone = left | (state.owner < 0)  # a patch that left (or has no token) shares nothing
+    owner = torch.where(alone, -2 - torch.arange(state.owner.shape[1]), state.owner)
+    return left, owner.unsqueeze(2) == owner.unsqueeze(1)
+
+
+def demo(args: argparse.Namespace) -> None:
+    from PIL import Image
+    from torchvision import transforms
+
+    from tokenreduce.measure.pretrained import load_demo_model
+
+    model = load_demo_model().eval()
+    photos = sorted((frontier.DATA_ROOT / "data" / "imagenet-val-1300").rglob("*.JPEG"))[:args.photos]
+    if not photos:
+        raise SystemExit(f"no photos under {frontier.DATA_ROOT / 'data' / 'imagenet-val-1300'}")
+    cfg = model.pretrained_cfg
+    normalize = transforms.Normalize(cfg.get("mean", frontier.MEAN), cfg.get("std", frontier.STD))
+    preprocess = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                     transforms.CenterCrop(224), transforms.ToTensor(), normalize])
+    x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in photos])
+    rows = []
+    for name, options in schedules(model).items():
+        if name != "unreduced":
+            tr.patch(model, name, **options)
+        with torch.inference_mode():
+            full = tr.trace(model, x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = tr.trace(model, x)
+            dense_full, dense_low = tr.restore(full[-1]).float(), tr.restore(low[-1]).float()
+        prefix = full[-1].num_prefix
+        cosine = F.cosine_similarity(dense_full[:, prefix:], dense_low[:, prefix:], dim=-1)
+        row = {"method": name, "options": options, "cosine_mean": float(cosine.mean()),
+               "cosine_min": float(cosine.min())}
+        if name != "unreduced":
+            # Per reducing block: which patches have left, which share a token; compared over the blocks.
+            pruned, pairs = [], []
+            for a, b in zip(full, low, strict=True):
+                if a.owner is None:
+                    continue
+                left_a, same_a = grouping(a)
+                left_b, same_b = grouping(b)
+                pruned.append(left_a != left_b)
+                pairs.append(same_a != same_b)
+            row["pruned_differently"] = float(torch.stack(pruned).any(dim=0).float().mean())
+            row["pairs_grouped_differently"] = float(torch.stack(pairs).any(dim=0).float().mean())
+            tr.unpatch(model)
+        print(f"{args.label} {name}: {json.dumps({k: v for k, v in row.items() if k != 'options'})}", flush=True)
+        rows.append(row)
+    write(args.out, {"kind": "demo", "label": args.label, "library": library(), "photos": [p.name for p in photos],
+                     "cpu": cpu_name(), "torch": torch.__version__, "level": LEVEL, "rows": rows})
+
+
+def write(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data) + "\n")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Join the before / after runs of both measurements into precision.json and table.md."""
+    runs = {f"{d['kind']}_{d['label']}": d for d in (json.loads(p.read_text()) for p in Path(args.dir).glob("*.json")
+                                                         if p.name != "precision.json")}
+    lines, summary = [], {}
+    after, before = runs.get("classify_after"), runs.get("classify_before")
+    if after:
+        labels = torch.tensor(after["labels"])
+        lines += [f"Benchmark classifier: {after['images']} CIFAR-10 test images, each method at about "
+                  f"{round(100 * after['level'])}% of the unreduced GMACs; CPU: {after['cpu']} "
+                  f"({after['threads']} threads), torch {after['torch']}. Top-1 in %, and the share of images whose "
+                  "low-precision prediction equals the float32 one (agreement).", "",
+                  "| method | mode | float32 top-1 | top-1 before | top-1 after | agreement before | agreement after |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        by_before = {r["method"]: r for r in before["rows"]} if before else {}
+        for row in after["rows"]:
+            full = torch.tensor(row["float32"]["predictions"])
+            for mode in MODES:
+                if mode not in row:
+                    continue
+                cells = {}
+                for label, source in (("after", row), ("before", by_before.get(row["method"], {}))):
+                    if mode in source:
+                        low = torch.tensor(source[mode]["predictions"])
+                        cells[label] = (float((low == labels).float().mean()) * 100,
+                                        float((low == full).float().mean()) * 100)
+                summary.setdefault(row["method"], {})[mode] = {
+                    "float32_top1": row["float32"]["top1"], **{f"{k}_top1": v[0] for k, v in cells.items()},
+                    **{f"{k}_agreement": v[1] for k, v in cells.items()}}
+
+                def cell(label: str, i: int, cells: dict = cells) -> str:
+                    return f"{cells[label][i]:.2f}" if label in cells else ""
+                lines.append(f"| {row['method']} | {MODES[mode]} | {row['float32']['top1']:.2f} | {cell('before', 0)} "
+                             f"| {cell('after', 0)} | {cell('before', 1)} | {cell('after', 1)} |")
+        lines.append("")
+    demo_after, demo_before = runs.get("demo_after"), runs.get("demo_before")
+    if demo_after:
+        lines += [f"Demo model (DINOv2-S/14, real weights), {len(demo_after['photos'])} ImageNet photos, about "
+                  f"{round(100 * demo_after['level'])}% GMACs, bf16 autocast against float32 (restored patch "
+                  "features with the method's default restore rule):", "",
+                  "| method | cosine before | cosine after | pruned differently before | after "
+                  "| pairs grouped differently before | after |", "|---|---:|---:|---:|---:|---:|---:|"]
+        old = {r["method"]: r for r in demo_before["rows"]} if demo_before else {}
+        for row in demo_after["rows"]:
+            b = old.get(row["method"], {})
+
+            def pct(r: dict, key: str) -> str:
+                return f"{100 * r[key]:.1f}%" if key in r else ""
+            lines.append(f"| {row['method']} | {b.get('cosine_mean', float('nan')):.4f} | {row['cosine_mean']:.4f} "
+                         f"| {pct(b, 'pruned_differently')} | {pct(row, 'pruned_differently')} "
+                         f"| {pct(b, 'pairs_grouped_differently')} | {pct(row, 'pairs_grouped_differently')} |")
+            summary.setdefault(row["method"], {})["demo"] = {"before": b, "after": row}
+    Path(args.dir, "table.md").write_text("\n".join(lines) + "\n")
+    Path(args.dir, "precision.json").write_text(json.dumps(
+        {"runs": {k: {key: v[key] for key in v if key not in ("rows", "labels")} for k, v in runs.items()},
+         "summary": summary}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("classify", "demo", "report"))
+    parser.add_argument("--label", default="after", choices=("before", "after"))
+    parser.add_argument("--per-class", type=int, default=50, help="classifier: test images per class (50: 500)")
+    parser.add_argument("--modes", nargs="*", default=["autocast"], choices=list(MODES))
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--photos", type=int, default=4, help="demo: ImageNet photos")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "tokenreduce" / "frontier"))
+    parser.add_argument("--out", default=None, help="result file (default: results/precision/<command>_<label>.json)")
+    parser.add_argument("--dir", default=str(RESULTS), help="report: the folder of the runs")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out = args.out or str(RESULTS / f"{args.command}_{args.label}.json")
+    {"classify": classify, "demo": demo, "report": report}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
