@@ -9,6 +9,9 @@ Two measurements, each run once with the library as it is (``--label after``) an
   unreduced GMACs: top-1 in float32 and in each low-precision mode, and the share of images whose low-precision
   prediction equals the float32 one. Modes: ``autocast`` (``torch.autocast("cpu", bfloat16)``), ``bf16``
   (``model.to(torch.bfloat16)``), ``fp16`` (``model.to(torch.float16)``). Per-image predictions are kept.
+- ``hf``: ViT-S-sized Hugging Face CLIP, SigLIP and DINOv2 (random weights) with ``model.to(bfloat16 / float16)``
+  against float32: the share of patches whose final token differs, the largest difference of the restored
+  ``last_hidden_state``.
 - ``demo``: the demo's DINOv2-S/14 (real weights) on ImageNet photos: per method, the mean cosine between the
   bf16-autocast and float32 restored patch features, the share of patches pruned differently (left the sequence
   in one run and not in the other, or at another block) and of patch pairs grouped differently (in the same
@@ -174,6 +177,51 @@ def demo(args: argparse.Namespace) -> None:
                      "cpu": cpu_name(), "torch": torch.__version__, "level": LEVEL, "rows": rows})
 
 
+HF_MODELS = {  # ViT-S sized, random weights (seed 0): the families of the issue's measurement
+    "CLIPVisionModel": ("CLIPVisionConfig", dict(patch_size=16)),
+    "SiglipVisionModel": ("SiglipVisionConfig", dict(patch_size=16)),
+    "Dinov2Model": ("Dinov2Config", dict(patch_size=14)),
+}
+
+
+def hf(args: argparse.Namespace) -> None:
+    """Hugging Face models in bf16 / fp16 weights against float32: patches with another owner, and the largest
+    difference of the restored ``last_hidden_state`` (unreduced beside it)."""
+    import transformers
+
+    rows = []
+    for cls_name, (config_name, overrides) in HF_MODELS.items():
+        config = getattr(transformers, config_name)(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                                    intermediate_size=1536, image_size=224, **overrides)
+        torch.manual_seed(0)
+        model = getattr(transformers, cls_name)(config).eval()
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        for name, options in schedules(model).items():
+            if name != "unreduced":
+                tr.patch(model, name, **options)
+            with torch.inference_mode():
+                reference = model(x).last_hidden_state.float()
+                owner = tr.trace(model, x)[-1].owner if name != "unreduced" else None
+                for dtype in (torch.bfloat16, torch.float16):
+                    low = model.to(dtype)
+                    out = low(x.to(dtype)).last_hidden_state.float()
+                    row = {"model": cls_name, "method": name, "options": options,
+                           "dtype": str(dtype).removeprefix("torch."),
+                           "max_abs_diff": float((out - reference).abs().max()),
+                           "cosine_mean": float(F.cosine_similarity(out, reference, dim=-1).mean())}
+                    if owner is not None:
+                        low_owner = tr.trace(low, x.to(dtype))[-1].owner
+                        row["other_owner"] = float((low_owner != owner).float().mean())
+                    model.float()
+                    rows.append(row)
+                    print(f"{args.label} {json.dumps(row)}", flush=True)
+            if name != "unreduced":
+                tr.unpatch(model)
+    write(args.out, {"kind": "hf", "label": args.label, "library": library(), "cpu": cpu_name(),
+                     "torch": torch.__version__, "transformers": transformers.__version__, "level": LEVEL,
+                     "rows": rows})
+
+
 def write(path: str, data: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data) + "\n")
@@ -231,6 +279,22 @@ def report(args: argparse.Namespace) -> None:
                          f"| {pct(b, 'pruned_differently')} | {pct(row, 'pruned_differently')} "
                          f"| {pct(b, 'pairs_grouped_differently')} | {pct(row, 'pairs_grouped_differently')} |")
             summary.setdefault(row["method"], {})["demo"] = {"before": b, "after": row}
+    hf_after, hf_before = runs.get("hf_after"), runs.get("hf_before")
+    if hf_after:
+        lines += ["", "Hugging Face models (ViT-S sized, random weights, 2 random images) with their weights in bf16 / "
+                  "fp16 against float32, about 65% GMACs: patches whose final token differs, and the largest "
+                  "difference of the restored `last_hidden_state`:", "",
+                  "| model | method | dtype | other owner before | after | max diff before | after |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        old = {(r["model"], r["method"], r["dtype"]): r for r in hf_before["rows"]} if hf_before else {}
+        for row in hf_after["rows"]:
+            b = old.get((row["model"], row["method"], row["dtype"]), {})
+
+            def share(r: dict) -> str:
+                return f"{100 * r['other_owner']:.1f}%" if "other_owner" in r else ""
+            lines.append(f"| {row['model']} | {row['method']} | {row['dtype']} | {share(b)} | {share(row)} "
+                         f"| {b.get('max_abs_diff', float('nan')):.3f} | {row['max_abs_diff']:.3f} |")
+            summary.setdefault(row["method"], {}).setdefault("hf", []).append({"before": b, "after": row})
     Path(args.dir, "table.md").write_text("\n".join(lines) + "\n")
     Path(args.dir, "precision.json").write_text(json.dumps(
         {"runs": {k: {key: v[key] for key in v if key not in ("rows", "labels")} for k, v in runs.items()},
@@ -240,7 +304,7 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("classify", "demo", "report"))
+    parser.add_argument("command", choices=("classify", "demo", "hf", "report"))
     parser.add_argument("--label", default="after", choices=("before", "after"))
     parser.add_argument("--per-class", type=int, default=50, help="classifier: test images per class (50: 500)")
     parser.add_argument("--modes", nargs="*", default=["autocast"], choices=list(MODES))
@@ -254,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or str(RESULTS / f"{args.command}_{args.label}.json")
-    {"classify": classify, "demo": demo, "report": report}[args.command](args)
+    {"classify": classify, "demo": demo, "hf": hf, "report": report}[args.command](args)
     return 0
 
 
