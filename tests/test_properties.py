@@ -634,24 +634,30 @@ def hf_forward(x: torch.Tensor):
 def test_hf_models_keep_every_promise_or_refuse(data):
     """Invariants 1-6 on transformers models (every output: logits, pooled, restored last and hidden states)."""
     config = data.draw(hf_configs, label="config")
+    check_family_example(data, config, _hf(config), hf_forward, 8 * config.grid)
+
+
+def check_family_example(data, config, built: torch.nn.Module, run, side: int) -> None:
+    """Invariants 1-6 on one drawn example of a non-timm family: ``built`` is the cached model of ``config``,
+    ``run(x)`` the function of a model that returns its outputs, ``side`` the image side in pixels."""
     method = data.draw(st.sampled_from(METHODS), label="method")
     no_op = data.draw(st.booleans(), label="nothing to remove")
     patches = config.grid**2
     options = data.draw(no_op_options(method, config.depth) if no_op else
                         method_options(method, config.depth, patches), label="options")
-    x = images(data.draw(batches, label="batch"), (8 * config.grid,) * 2, data.draw(seeds, label="seed"))
-    model, plain = copy.deepcopy(_hf(config)), copy.deepcopy(_hf(config))
+    x = images(data.draw(batches, label="batch"), (side,) * 2, data.draw(seeds, label="seed"))
+    model, plain = copy.deepcopy(built), copy.deepcopy(built)
     errors = with_schedule(options, method, config.depth, patches).errors
-    if refused(lambda: tr.patch(model, method, **options.kwargs), errors, model, hf_forward(non_empty(x)), "patch"):
+    if refused(lambda: tr.patch(model, method, **options.kwargs), errors, model, run(non_empty(x)), "patch"):
         return
     event(f"ran {method}")
     event(f"ran on a batch of {x.shape[0]}")
-    got = hf_forward(x)(model)
-    assert shapes(got) == shapes(unpatched(plain, hf_forward, x))
+    got = run(x)(model)
+    assert shapes(got) == shapes(unpatched(plain, run, x))
     check_states(model, x, plain, method, options.kwargs, (config.grid, config.grid))
-    check_batch_independence(model, x, got, hf_forward)
+    check_batch_independence(model, x, got, run)
     if no_op:
-        assert_close_outputs(got, unpatched(plain, hf_forward, x))
+        assert_close_outputs(got, unpatched(plain, run, x))
 
 
 # --- open_clip ------------------------------------------------------------------------------------------------
@@ -687,21 +693,4 @@ def _tower(config: OpenClipConfig) -> torch.nn.Module:
 def test_open_clip_towers_keep_every_promise_or_refuse(data):
     """Invariants 1-6 on open_clip image towers (pooled features, and the restored tokens where they are output)."""
     config = data.draw(open_clip_configs, label="config")
-    method = data.draw(st.sampled_from(METHODS), label="method")
-    no_op = data.draw(st.booleans(), label="nothing to remove")
-    patches = config.grid**2
-    options = data.draw(no_op_options(method, config.depth) if no_op else
-                        method_options(method, config.depth, patches), label="options")
-    x = images(data.draw(batches, label="batch"), (config.patch * config.grid,) * 2, data.draw(seeds, label="seed"))
-    model, plain = copy.deepcopy(_tower(config)), copy.deepcopy(_tower(config))
-    errors = with_schedule(options, method, config.depth, patches).errors
-    if refused(lambda: tr.patch(model, method, **options.kwargs), errors, model, forward(non_empty(x)), "patch"):
-        return
-    event(f"ran {method}")
-    event(f"ran on a batch of {x.shape[0]}")
-    got = forward(x)(model)
-    assert shapes(got) == shapes(unpatched(plain, forward, x))
-    check_states(model, x, plain, method, options.kwargs, (config.grid, config.grid))
-    check_batch_independence(model, x, got, forward)
-    if no_op:
-        assert_close_outputs(got, unpatched(plain, forward, x))
+    check_family_example(data, config, _tower(config), forward, config.patch * config.grid)
