@@ -89,3 +89,13 @@ def refuse_masks(entry: str, attn_mask: torch.Tensor | None, is_causal: bool = F
 
         raise InputError(f"{entry}: attn_mask / is_causal are not supported on a token-reduced model (the tokens "
                          "they would mask are merged or removed); tr.unpatch(model) first")
+
+
+def on_empty_batch(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)``; for an empty batch, ``fn`` of one zero row, emptied: the model libraries' embeddings reshape with
+    ``-1`` (timm's ``_pos_embed`` with a dynamic size, open_clip's ``_embeds``), which 0 elements cannot infer.
+
+    >>> on_empty_batch(lambda t: t.reshape(t.shape[0], -1), torch.zeros(0, 2, 3)).shape
+    torch.Size([0, 6])
+    """
+    return fn(x) if x.shape[0] else fn(x.new_zeros(1, *x.shape[1:]))[:0]

@@ -122,10 +122,7 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
                          "reduction in train mode; build the tower with patch_dropout=0 or set "
                          "model.patch_dropout = torch.nn.Identity()")
     grid = grid_for(model, tuple(images.shape[-2:]))
-    if images.shape[0] == 0:  # open_clip's _embeds reshapes with -1, which an empty batch cannot infer
-        return TokenState(x=model._embeds(images.new_zeros(1, *images.shape[1:]))[:0], num_prefix=NUM_PREFIX,
-                          grid=grid)
-    return TokenState(x=model._embeds(images), num_prefix=NUM_PREFIX, grid=grid)
+    return TokenState(x=common.on_empty_batch(model._embeds, images), num_prefix=NUM_PREFIX, grid=grid)
 
 
 def _attention(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None, need: Any, has_cls: bool,

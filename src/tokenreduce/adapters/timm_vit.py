@@ -99,11 +99,7 @@ def embed(model: VisionTransformer, images: torch.Tensor) -> TokenState:
                          "model.patch_drop = torch.nn.Identity()")
     x = model.patch_embed(images)
     grid = tuple(x.shape[1:3]) if x.ndim == 4 else grid_for(model, tuple(images.shape[-2:]))
-    if x.shape[0] == 0:  # timm's _pos_embed reshapes with -1 (dynamic_img_size), which an empty batch cannot infer
-        x = model._pos_embed(x.new_zeros(1, *x.shape[1:]))[:0]
-    else:
-        x = model._pos_embed(x)
-    x = model.norm_pre(model.patch_drop(x))
+    x = model.norm_pre(model.patch_drop(common.on_empty_batch(model._pos_embed, x)))
     return TokenState(x=x, num_prefix=model.num_prefix_tokens, grid=grid)
 
 

@@ -34,7 +34,6 @@ pass for the statistics); elsewhere it comes from the fused kernel and the chunk
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Collection
 
 import torch
@@ -100,11 +99,12 @@ def project(attn: nn.Module, x: torch.Tensor, context: torch.Tensor | None = Non
 
 
 def _map_chunk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """The post-softmax map of some images, float32, with the reference path's exact arithmetic."""
+    """The post-softmax map of some images, float32 (a method reads or thresholds it), with the reference path's
+    exact arithmetic; ``bias`` float32 too."""
     with decide(q):
         logits = (at_least_float32(q) * scale) @ at_least_float32(k).transpose(-2, -1)
         if bias is not None:
-            logits += bias
+            logits += bias  # in place: one B x H x N x N buffer less (matmul keeps its inputs only)
         return logits.softmax(dim=-1)
 
 
@@ -209,6 +209,8 @@ def attend(
         raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
     bias = None if size_bias is None else size_bias.to(q.dtype)
     stats: dict[str, torch.Tensor] = {}
+    # The keys the CLS row and the metric rank by, upcast once (k itself in float32; unused otherwise).
+    k32 = at_least_float32(k) if need & {"cls_attn", "metric"} else k
 
     # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
     # once and take the output from it rather than a second Q K^T beside the fused kernel.
@@ -217,24 +219,23 @@ def attend(
     if full_map:
         # A map a method reads (or thresholds, GTP's sparsification) is made in float32; otherwise in the
         # model's dtype, as the model itself would.
-        decisive = bool(need & MAP_DECISIONS) or transform is not None
-        with decide(q) if decisive else contextlib.nullcontext():
-            logits = ((at_least_float32(q) * scale) @ at_least_float32(k).transpose(-2, -1) if decisive
-                      else (q * scale) @ k.transpose(-2, -1))
+        if bool(need & MAP_DECISIONS) or transform is not None:
+            probs = _map_chunk(q, k, scale, None if size_bias is None else at_least_float32(size_bias))
+        else:
+            logits = (q * scale) @ k.transpose(-2, -1)
             if bias is not None:
-                # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
-                logits += at_least_float32(size_bias) if decisive else bias
+                logits += bias  # in place: one B x H x N x N buffer less per block (matmul keeps its inputs only)
             probs = logits.softmax(dim=-1)
-            if transform is not None:
-                probs = transform(probs)
-            if "attn" in need:
-                stats["attn"] = probs
-            if "col_sum" in need:
-                stats["col_sum"] = probs.sum(dim=-2)
-            if "diag" in need:
-                stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
-            if "cls_attn" in need:
-                stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
+        if transform is not None:
+            probs = transform(probs)
+        if "attn" in need:
+            stats["attn"] = probs
+        if "col_sum" in need:
+            stats["col_sum"] = probs.sum(dim=-2)
+        if "diag" in need:
+            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
+        if "cls_attn" in need:
+            stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
         out = (probs if attn_drop is None else attn_drop(probs)).to(v.dtype) @ v
     else:
         if need & MAP_STATISTICS:
@@ -246,11 +247,11 @@ def attend(
                                                  scale=None if default else scale)
         if "cls_attn" in need:
             with decide(q):
-                row = _add_bias((at_least_float32(q[:, :, :1]) * scale) @ at_least_float32(k).transpose(-2, -1),
+                row = _add_bias((at_least_float32(q[:, :, :1]) * scale) @ k32.transpose(-2, -1),
                                 None if bias is None else at_least_float32(size_bias))
                 stats["cls_attn"] = row.softmax(dim=-1)[:, :, 0]
     if "metric" in need:
-        stats["metric"] = at_least_float32(k).mean(dim=1)
+        stats["metric"] = k32.mean(dim=1)
     if "value_norm" in need:
         with decide(v):
             stats["value_norm"] = at_least_float32(v).transpose(1, 2).flatten(2).norm(dim=-1)
