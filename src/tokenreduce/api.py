@@ -71,6 +71,16 @@ def _as_method(method: str | Method, options: dict[str, Any]) -> Method:
     return create_method(method, **options)
 
 
+def _report(adapter: Any, model: nn.Module, method: Method | None,
+            img_size: int | tuple[int, int] | None = None) -> FlopsReport:
+    """The cost report of ``method`` on ``model`` by its adapter: a hierarchical family's own, else the plain-ViT
+    cost table on the adapter's ``ModelInfo``. Raises on a schedule the model cannot run."""
+    own = getattr(adapter, "flops_report", None)
+    if own is not None:
+        return own(model, method, img_size)
+    return analytic_flops(adapter.model_info(model, img_size), method)
+
+
 def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
     """Patch ``model`` in place with a token-reduction method; returns the model.
 
@@ -93,8 +103,7 @@ def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
     inner = unwrap(model)
     adapter = adapter_for(inner)
     resolved = _as_method(method, options)
-    info = adapter.model_info(inner)
-    resolved.plan(info.num_tokens, info.num_prefix, info.depth)  # raises on impossible schedules
+    _report(adapter, inner, resolved)  # raises on impossible schedules
     current = _current(inner)
     original = current.original_class if current is not None else type(inner)
     inner.__class__ = adapter.patched_class(original)
@@ -147,8 +156,15 @@ def describe(model: nn.Module, img_size: int | tuple[int, int] | None = None) ->
     definition clamped the schedule. Diagnostics of a forward pass come from :func:`diagnostics`.
     """
     model = unwrap(model)
-    info = adapter_for(model).model_info(model, img_size)
+    adapter = adapter_for(model)
     method = method_of(model)
+    own = getattr(adapter, "describe", None)
+    if own is not None:
+        out = own(model, method, img_size)
+        if method is not None:
+            out.update({k: v for k, v in method.describe().items() if k not in out})
+        return out
+    info = adapter.model_info(model, img_size)
     report = analytic_flops(info, method)
     out = {
         "method": None if method is None else method.name,
@@ -179,7 +195,7 @@ def flops(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> Fl
     own = getattr(model, "tokenreduce_flops", None)
     if callable(own):  # models built by tokenreduce itself (STViT) count their own cost
         return own(img_size)
-    return analytic_flops(adapter_for(model).model_info(model, img_size), method_of(model))
+    return _report(adapter_for(model), model, method_of(model), img_size)
 
 
 def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
@@ -197,13 +213,13 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
     adapter = adapter_for(model)
     if not isinstance(target_gmacs, int | float) or not math.isfinite(target_gmacs) or target_gmacs <= 0:
         raise InputError(f"target_gmacs must be a positive number, got {target_gmacs!r}")
-    info = adapter.model_info(model, img_size)
     knob = create_method(method, **options).search_knob
     fixed = {k: v for k, v in options.items() if k not in ("r", "keep_rate")}
+    most_tokens = max(b.tokens_in for b in _report(adapter, model, None, img_size).blocks)
 
     def cost(value: Any) -> float:
         try:
-            return analytic_flops(info, create_method(method, **{**fixed, knob: value})).total_gmacs
+            return _report(adapter, model, create_method(method, **{**fixed, knob: value}), img_size).total_gmacs
         except ValueError:
             return math.inf  # a schedule this model cannot run
 
@@ -220,7 +236,7 @@ def schedule_for_flops(model: nn.Module, method: str, target_gmacs: float,
             low, high = (mid, high) if cost(mid) <= target_gmacs else (low, mid)
         return {**fixed, knob: low}
     # r is a small integer and the analytic cost takes microseconds: scan it.
-    for r in range(info.num_tokens):
+    for r in range(most_tokens):
         if cost(r) <= target_gmacs:
             return {**fixed, knob: r}
     raise InputError(f"{method} cannot reach {target_gmacs} GMACs on this model "

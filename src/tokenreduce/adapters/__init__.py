@@ -9,6 +9,11 @@ An adapter is a module with:
   final state (final norm applied), calling ``on_block(i, state)`` after every block;
 - ``patched_class(cls) -> type``: the subclass a patched model takes (its forward entry points run reduced).
 
+A hierarchical family whose blocks do not pass one token sequence along (Swin: the methods run inside every
+window of every block) has no ``ModelInfo``; instead it gives ``flops_report(model, method, img_size)`` (the
+cost report, raising on a schedule it cannot run) and ``describe(model, method, img_size)``, which the API
+calls in place of the plain-ViT cost table.
+
 :func:`adapter_for` picks the adapter by the library that defines the model's class (or one of its bases), and
 imports it only then, so an optional library (transformers, open_clip) is imported only for its own models.
 """
@@ -35,6 +40,7 @@ class Family:
 
 FAMILIES: list[Family] = [
     Family("timm VisionTransformer", "tokenreduce.adapters.timm_vit", ("timm",)),
+    Family("timm SwinTransformer", "tokenreduce.adapters.swin", ("timm",)),
     Family("Hugging Face transformers ViT/DeiT/DINOv2/CLIP/SigLIP", "tokenreduce.adapters.hf", ("transformers",)),
     Family("open_clip VisionTransformer", "tokenreduce.adapters.open_clip", ("open_clip",)),
     Family("Hugging Face transformers VideoMAE/ViViT", "tokenreduce.adapters.hf_video", ("transformers",)),

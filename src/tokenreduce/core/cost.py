@@ -312,11 +312,13 @@ class SwinCounter:
         n = grid[0] * grid[1]
         self.add(n, n, *swin_block_macs(grid, tuple(block.window_size), block.dim, block.mlp.fc1.out_features))
 
-    def stages(self, after_blocks: Callable[[int, tuple[int, int]], tuple[int, int] | None] | None = None
+    def stages(self, after_blocks: Callable[[int, tuple[int, int]], tuple[int, int] | None] | None = None,
+               block_cost: Callable[[nn.Module, tuple[int, int]], tuple[int, int, int, int]] | None = None
                ) -> SwinCounter:
         """Count every stage: its patch merging (which halves the grid, rounding up) and its blocks; then
         ``after_blocks(stage index, grid)`` may count what a build adds after that stage's blocks and return
-        the grid the next stage starts from (None: unchanged)."""
+        the grid the next stage starts from (None: unchanged). ``block_cost(block, grid)`` may count a block
+        itself: ``(tokens in, tokens out, attention MACs, MLP MACs)`` (a reduced block)."""
         grid = tuple(self.model.patch_embed.grid_size)
         for index, stage in enumerate(self.model.layers):
             reduction = getattr(stage.downsample, "reduction", None)
@@ -324,7 +326,10 @@ class SwinCounter:
                 grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
                 self.other += grid[0] * grid[1] * reduction.in_features * reduction.out_features
             for block in stage.blocks:
-                self.swin_block(block, grid)
+                if block_cost is None:
+                    self.swin_block(block, grid)
+                else:
+                    self.add(*block_cost(block, grid))
             if after_blocks is not None:
                 grid = after_blocks(index, grid) or grid
         return self
