@@ -6,6 +6,7 @@ windowed path equals timm's block, unpatch exact, batch independence, gradients,
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -252,3 +253,18 @@ def test_refuses_swin_v2_naming_why():
     model = SwinTransformerV2(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2,), num_heads=(2,))
     with pytest.raises(InputTypeError, match="scaled cosine similarity"):
         tr.patch(model, "tome", r=4)
+
+
+def test_the_command_counts_a_swin(tmp_path, capsys):
+    from tokenreduce.cli import main
+
+    out = tmp_path / "flops.json"
+    argv = ["flops", "--model", "swin_tiny_patch4_window7_224", "--model-kwargs",
+            "img_size=112,embed_dim=32,depths=(2,2),num_heads=(2,2)", "--method", "ppt", "--opt", "r=20",
+            "--opt", "layers=[0,1,2,3]", "--opt", "threshold=0.0", "--count", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "restore = " in printed  # the restore work has its own term in the total line
+    data = json.loads(out.read_text())
+    assert data["tokens_out"] == [16 * 29] * 2 + [4 * 29] * 2  # 49 - 20 per 7x7 window
+    assert abs(data["counted_gmacs"] / data["total_gmacs"] - 1) < 0.01

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for block, unreduced in zip(report.blocks, base.blocks, strict=True):
         print(f"{block.index:>5} {block.tokens_in:>9} {block.tokens_out:>10} {block.gmacs:>8.4f} | "
               f"{unreduced.tokens_in:>9} {unreduced.gmacs:>8.4f}")
-    print(f"total {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} reduction overhead = "
+    restore = f" + {report.restore_gmacs:.4f} restore" if report.dense_output and report.restore_gmacs else ""
+    print(f"total {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} reduction overhead{restore} = "
           f"{report.total_gmacs:.3f} (unreduced {report.baseline_gmacs:.3f}; ratio {report.ratio:.2f}x)")
     for note in report.notes:
         print(f"note: {note}")
