@@ -41,6 +41,7 @@ class Family:
 FAMILIES: list[Family] = [
     Family("timm VisionTransformer", "tokenreduce.adapters.timm_vit", ("timm",)),
     Family("timm SwinTransformer", "tokenreduce.adapters.swin", ("timm",)),
+    Family("timm PyramidVisionTransformerV2", "tokenreduce.adapters.pvt", ("timm",)),
     Family("Hugging Face transformers ViT/DeiT/DINOv2/CLIP/SigLIP", "tokenreduce.adapters.hf", ("transformers",)),
     Family("open_clip VisionTransformer", "tokenreduce.adapters.open_clip", ("open_clip",)),
     Family("Hugging Face transformers VideoMAE/ViViT", "tokenreduce.adapters.hf_video", ("transformers",)),

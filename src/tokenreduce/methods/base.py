@@ -100,6 +100,7 @@ def create_method(name: str, **options: Any) -> Method:
     method = _REGISTRY[name](**options)
     if restore_options:
         method.restore_rule = method.make_restore_rule(**restore_options)
+        method.restore_chosen = True
     return method
 
 
@@ -216,6 +217,8 @@ class Method:
         self.options = options
         self._plans: dict[tuple[int, int, int], Plan] = {}
         self.restore_rule = RestoreRule(self.default_restore)
+        #: Whether the caller chose the rule (``restore=...``) rather than taking the method's default.
+        self.restore_chosen = False
 
     def make_restore_rule(self, **restore_options: Any) -> RestoreRule:
         """The rule asked for by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights``, checked
@@ -226,6 +229,7 @@ class Method:
         """A copy of this method with another restore rule (the schedule and options shared)."""
         other = copy.copy(self)
         other.restore_rule = self.make_restore_rule(**restore_options)
+        other.restore_chosen = True
         return other
 
     def leaving(self, plan: Plan) -> list[int]:
