@@ -1,9 +1,10 @@
 """The training-free methods on a hierarchical backbone (issue 23): accuracy and agreement against GMACs, and
-speed, on the trained Swin test bed (``testbeds.py``).
+speed, on the trained Swin and PVTv2 test beds (``testbeds.py``).
 
 Per method and cost level (shares of the unreduced GMACs, overhead and restore work included), the schedule
 comes from ``tr.schedule_for_flops`` with every block reducing (``layers`` = all blocks; ToMe and GTP reduce in
-every block by default), each method with its default restore rule. Scored on the 2,000 report images of the
+every block by default), each method with its default restore rule on the family (Swin: the method's; PVTv2:
+``departure``, see ``adapters/pvt.py``). Scored on the 2,000 report images of the
 test bed (the first 200 CIFAR-10 test images of each class, never trained on): top-1, agreement with the
 unreduced model's prediction. Speed: images/s against the unreduced model at batch 1 and 32, interleaved in
 the same run (``tokenreduce.measure.speed.method_speedups``, median of rounds), and the share of the GMACs
@@ -42,8 +43,8 @@ PPT_BRANCHES = {"ppt (prune only)": dict(threshold=0.0), "ppt (pool only)": dict
 
 
 def fixed_options(model: torch.nn.Module, method: str) -> dict:
-    """Every block reduces: the layer-based methods name them all (their DeiT defaults do not fit a Swin)."""
-    depth = len(tr.describe(model)["schedule"])
+    """Every block reduces: the layer-based methods name them all (their DeiT defaults do not fit these models)."""
+    depth = len(tr.describe(model, img_size=testbeds.IMG_SIZE)["schedule"])
     return {"layers": list(range(depth))} if method in ("topk", "evit", "ppt") else {}
 
 
@@ -55,7 +56,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 250)
 def point(model: torch.nn.Module, label: str, method: str, options: dict, images: torch.Tensor,
           labels: torch.Tensor, reference: torch.Tensor, base: float, level: float | None) -> dict:
     with tr.patched(model, method, **options):
-        report = tr.flops(model)
+        report = tr.flops(model, img_size=testbeds.IMG_SIZE)
         start = time.perf_counter()
         predicted = predict(model, images)
         seconds = time.perf_counter() - start
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = testbeds.load(args.model, train_if_missing=False)
     images, labels = testbeds.report_set()
-    base = tr.flops(model).total_gmacs
+    base = tr.flops(model, img_size=testbeds.IMG_SIZE).total_gmacs
     reference = predict(model, images)
     result = {"model": args.model, "images": len(images), "testbed": json.loads(
         (testbeds.RESULTS / f"{args.model}.json").read_text()) if (testbeds.RESULTS / f"{args.model}.json").is_file()
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for level in args.levels:
             try:
-                options = tr.schedule_for_flops(model, method, level * base, **fixed_options(model, method))
+                options = tr.schedule_for_flops(model, method, level * base, img_size=testbeds.IMG_SIZE,
+                                                **fixed_options(model, method))
             except tr.TokenReduceError as err:
                 print(f"skipped {method} @ {level}: {err}", file=sys.stderr)
                 continue

@@ -35,7 +35,7 @@ from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, PyramidVi
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.attention import _map_chunk, project
+from ..core.attention import attention_map, project
 from ..core.cost import BlockCost, FlopsReport, mlp_macs
 from ..core.errors import InputError
 from ..core.ops import restore
@@ -153,7 +153,7 @@ def attention_with_stats(attn: Attention, x: torch.Tensor, grid: tuple[int, int]
     q, k, v = project(attn, x, context=key_source(attn, x, grid))
     stats: dict[str, torch.Tensor] = {}
     if need & MAP_NEEDS:
-        probs = _map_chunk(q, k, attn.scale, None)  # B x H x N x M, float32: N x N / sr^2 entries
+        probs = attention_map(q, k, attn.scale)  # B x H x N x M, float32: N x N / sr^2 entries
         out = probs.to(v.dtype) @ v
         sr = attn.sr.stride[0] if attn.sr is not None else 1
         region, count = region_index(grid, sr, x.device)

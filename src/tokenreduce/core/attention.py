@@ -108,6 +108,18 @@ def _map_chunk(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tenso
         return logits.softmax(dim=-1)
 
 
+def attention_map(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """The post-softmax map ``softmax(q k^T * scale + bias)`` in float32 whatever the dtype of ``q`` and ``k``
+    (autocast off): the map a method reads or thresholds, as every adapter makes it.
+
+    >>> q = k = torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    >>> attention_map(q, k, 0.5).dtype, attention_map(q, k, 0.5)[0, 0, 0].tolist()
+    (torch.float32, [0.5, 0.5])
+    """
+    return _map_chunk(q, k, scale, None if bias is None else at_least_float32(bias))
+
+
 def map_statistics(
     q: torch.Tensor,
     k: torch.Tensor,
