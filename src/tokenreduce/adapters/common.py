@@ -7,12 +7,14 @@ An adapter supplies only what is its family's own: how to embed, one block step,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.errors import InputError
 from ..core.state import TokenState
 
 BlockHook = Callable[[int, TokenState], None]
@@ -99,3 +101,52 @@ def on_empty_batch(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
     torch.Size([0, 6])
     """
     return fn(x) if x.shape[0] else fn(x.new_zeros(1, *x.shape[1:]))[:0]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A method's schedule on a hierarchical family whose blocks each restore their grid (Swin, PVTv2): per block,
+    the amount removed from every sequence the block reduces (a Swin window, a PVTv2 stage grid) and the tokens
+    of that sequence before and after. Quacks like ``methods.base.Plan`` for the method's hooks."""
+
+    amounts: tuple[int, ...]
+    tokens_in: tuple[int, ...]
+    tokens_out: tuple[int, ...]
+    notes: tuple[str, ...] = ()
+
+    def reduces(self, block: int) -> bool:
+        return self.amounts[block] > 0
+
+    def block(self, i: int) -> BlockPlan:
+        """The one-block plan of block ``i`` (what a method's cost hooks read per sequence)."""
+        return BlockPlan((self.amounts[i],), (self.tokens_in[i],), (self.tokens_out[i],))
+
+
+def block_plan(method: Any, family: str, depths: Sequence[int], tokens: Sequence[int],
+               check: Callable[[int], None] | None = None, unit: str = "") -> BlockPlan:
+    """The plan of ``method`` over blocks numbered across stages of ``depths``, block i reducing sequences of
+    ``tokens[i]`` tokens without prefix; ``check(i)`` may refuse a reducing block; ``unit`` names the sequence
+    in the notes (e.g. " (per 7x7 window)").
+
+    >>> from tokenreduce.methods.base import create_method
+    >>> block_plan(create_method("tome", r=3), "Swin", [1, 1], [16, 4]).tokens_out
+    (13, 2)
+    """
+    try:
+        requested = method.amounts(sum(depths))
+    except InputError as err:
+        raise InputError(f"{err} (this {family} numbers its {sum(depths)} blocks across the stages, "
+                         f"{' + '.join(map(str, depths))}: name the reducing blocks with layers= or give r per block)"
+                         ) from err
+    amounts, tokens_out, notes = [], [], []
+    for i, (count, want) in enumerate(zip(tokens, requested, strict=True)):
+        used, out = 0, count
+        if want:
+            if check is not None:
+                check(i)
+            used, out, note = method.step(i, count, 0, want)
+            if note:
+                notes.append(note + unit)
+        amounts.append(used)
+        tokens_out.append(out)
+    return BlockPlan(tuple(amounts), tuple(tokens), tuple(tokens_out), tuple(notes))

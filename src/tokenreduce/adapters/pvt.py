@@ -26,7 +26,6 @@ tokens. The linear-attention variant (``pvt_v2_b2_li``, adaptive pooling) is ref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,21 +70,7 @@ def blocks_of(model: PyramidVisionTransformerV2) -> list[Block]:
     return [blk for stage in model.stages for blk in stage.blocks]
 
 
-@dataclass(frozen=True)
-class GridPlan:
-    """A method's schedule on a PVTv2: per block, the tokens removed from the stage's grid and the tokens before
-    and after. Quacks like ``methods.base.Plan`` for the method's hooks."""
-
-    amounts: tuple[int, ...]
-    tokens_in: tuple[int, ...]
-    tokens_out: tuple[int, ...]
-    notes: tuple[str, ...] = ()
-
-    def reduces(self, block: int) -> bool:
-        return self.amounts[block] > 0
-
-    def block(self, i: int) -> GridPlan:
-        return GridPlan((self.amounts[i],), (self.tokens_in[i],), (self.tokens_out[i],))
+GridPlan = common.BlockPlan  # per block: the amount removed from the stage's grid
 
 
 def stage_grids(model: PyramidVisionTransformerV2, img_size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -102,26 +87,9 @@ def stage_grids(model: PyramidVisionTransformerV2, img_size: tuple[int, int]) ->
 
 def grid_plan(model: PyramidVisionTransformerV2, method: Any, img_size: tuple[int, int]) -> GridPlan:
     """The method's schedule on every block's grid (the grid restarts whole in every block)."""
-    blocks = blocks_of(model)
-    try:
-        requested = method.amounts(len(blocks))
-    except InputError as err:
-        depths = " + ".join(str(len(stage.blocks)) for stage in model.stages)
-        raise InputError(f"{err} (this PVTv2 numbers its {len(blocks)} blocks across the stages, {depths}: name "
-                         "the reducing blocks with layers= or give r per block)") from err
-    grids = [g for g, stage in zip(stage_grids(model, img_size), model.stages, strict=True) for _ in stage.blocks]
-    amounts, tokens_in, tokens_out, notes = [], [], [], []
-    for i, (grid, want) in enumerate(zip(grids, requested, strict=True)):
-        tokens = grid[0] * grid[1]
-        used, out = 0, tokens
-        if want:
-            used, out, note = method.step(i, tokens, 0, want)
-            if note:
-                notes.append(note)
-        amounts.append(used)
-        tokens_in.append(tokens)
-        tokens_out.append(out)
-    return GridPlan(tuple(amounts), tuple(tokens_in), tuple(tokens_out), tuple(notes))
+    tokens = [g[0] * g[1] for g, stage in zip(stage_grids(model, img_size), model.stages, strict=True)
+              for _ in stage.blocks]
+    return common.block_plan(method, "PVTv2", [len(stage.blocks) for stage in model.stages], tokens)
 
 
 def region_index(grid: tuple[int, int], sr: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ runs timm's own block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,49 +71,21 @@ def blocks_of(model: SwinTransformer) -> list[SwinTransformerBlock]:
     return [blk for stage in model.layers for blk in stage.blocks]
 
 
-@dataclass(frozen=True)
-class WindowPlan:
-    """A method's schedule on a windowed model: per block, the amount removed from every window and the tokens
-    a window has before (``tokens_in``: A) and after (``tokens_out``) the reduction. Quacks like
-    ``methods.base.Plan`` for the method's hooks (``reduces``, ``amounts``, ``tokens_in``, ``tokens_out``)."""
-
-    amounts: tuple[int, ...]
-    tokens_in: tuple[int, ...]
-    tokens_out: tuple[int, ...]
-    notes: tuple[str, ...] = ()
-
-    def reduces(self, block: int) -> bool:
-        return self.amounts[block] > 0
-
-    def block(self, i: int) -> WindowPlan:
-        """The one-block plan of block ``i`` (what a method's cost hooks read per window)."""
-        return WindowPlan((self.amounts[i],), (self.tokens_in[i],), (self.tokens_out[i],))
+WindowPlan = common.BlockPlan  # per block: the amount removed from every window, A tokens before
 
 
 def window_plan(model: SwinTransformer, method: Any, grids: list[tuple[int, int]] | None = None) -> WindowPlan:
     """The method's schedule per window of every block; refuses a reduction in a block its windows do not tile
     (``grids``: each block's grid, checked when given)."""
     blocks = blocks_of(model)
-    try:
-        requested = method.amounts(len(blocks))
-    except InputError as err:
-        depths = " + ".join(str(len(stage.blocks)) for stage in model.layers)
-        raise InputError(f"{err} (this Swin numbers its {len(blocks)} blocks across the stages, {depths}: name "
-                         "the reducing blocks with layers= or give r per block)") from err
-    amounts, tokens_in, tokens_out, notes = [], [], [], []
-    for i, (blk, want) in enumerate(zip(blocks, requested, strict=True)):
-        area = blk.window_size[0] * blk.window_size[1]
-        used, out = 0, area
-        if want:
-            if grids is not None:
-                check_tiled(method.name, i, grids[i], tuple(blk.window_size))
-            used, out, note = method.step(i, area, 0, want)
-            if note:
-                notes.append(f"{note} (per {blk.window_size[0]}x{blk.window_size[1]} window)")
-        amounts.append(used)
-        tokens_in.append(area)
-        tokens_out.append(out)
-    return WindowPlan(tuple(amounts), tuple(tokens_in), tuple(tokens_out), tuple(notes))
+    windows = [tuple(blk.window_size) for blk in blocks]
+
+    def tiled(i: int) -> None:
+        if grids is not None:
+            check_tiled(method.name, i, grids[i], windows[i])
+
+    return common.block_plan(method, "Swin", [len(stage.blocks) for stage in model.layers],
+                             [h * w for h, w in windows], tiled, " (per window)")
 
 
 def check_tiled(name: str, block: int, grid: tuple[int, int], window: tuple[int, int]) -> None:
