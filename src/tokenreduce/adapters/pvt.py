@@ -34,8 +34,9 @@ from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, PyramidVi
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core import cost
 from ..core.attention import attention_map, project
-from ..core.cost import BlockCost, FlopsReport, mlp_macs
+from ..core.cost import BlockCost, FlopsReport, pvt_block_macs
 from ..core.errors import InputError
 from ..core.ops import restore
 from ..core.precision import at_least_float32, decide
@@ -234,8 +235,7 @@ def _img_size(model: nn.Module, img_size: int | tuple[int, int] | None) -> tuple
 
 
 def conv_macs(conv: nn.Conv2d, out_grid: tuple[int, int]) -> int:
-    return out_grid[0] * out_grid[1] * conv.out_channels * conv.in_channels // conv.groups * \
-        conv.kernel_size[0] * conv.kernel_size[1]
+    return cost.conv_macs(out_grid, conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups)
 
 
 def flops_report(model: PyramidVisionTransformerV2, method: Any = None,
@@ -257,23 +257,18 @@ def flops_report(model: PyramidVisionTransformerV2, method: Any = None,
         grid = grids[s]
         tokens = grid[0] * grid[1]
         for blk in stage.blocks:
-            attn, mlp = blk.attn, blk.mlp
-            dim, hidden = attn.dim, mlp.fc1.out_features
-            sr = attn.sr.stride[0] if attn.sr is not None else 1
-            regions = (grid[0] // sr) * (grid[1] // sr) if sr > 1 else tokens
-            attn_macs = 2 * tokens * dim * dim + 2 * regions * dim * dim + 2 * tokens * regions * dim
-            if attn.sr is not None:
-                attn_macs += conv_macs(attn.sr, (grid[0] // sr, grid[1] // sr))
-            dwconv = tokens * hidden * 9
-            full_mlp = mlp_macs(tokens, dim, hidden) + dwconv
+            dim, hidden = blk.attn.dim, blk.mlp.fc1.out_features
+            sr = blk.attn.sr.stride[0] if blk.attn.sr is not None else 1
+            attn_macs, full_mlp = pvt_block_macs(grid, sr, dim, hidden)
             baseline += attn_macs + full_mlp
-            kept = tokens
+            mlp = full_mlp
             if plan is not None and plan.reduces(i):
                 kept = plan.tokens_out[i]
                 one = plan.block(i)
-                overhead += method.overhead_macs(one, dim, attn.num_heads, 0)
+                overhead += method.overhead_macs(one, dim, blk.attn.num_heads, 0)
                 restoring += restore_macs(block_rule(method), method.leaving(one), [tokens], 0, tokens, dim, kept)
-            blocks.append(BlockCost(i, tokens, kept, attn_macs / 1e9, (mlp_macs(kept, dim, hidden) + dwconv) / 1e9))
+                mlp = pvt_block_macs(grid, sr, dim, hidden, kept)[1]
+            blocks.append(BlockCost(i, tokens, plan.tokens_out[i] if plan else tokens, attn_macs / 1e9, mlp / 1e9))
             i += 1
     fixed = embed + other + head
     return FlopsReport(method=None if method is None else method.name, img_size=size,

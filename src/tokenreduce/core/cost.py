@@ -13,6 +13,8 @@ MLP hidden width):
   queries to its keys, and the MLP on its queries;
 - a Swin block on an h x w grid with A-token windows: ``4*Np*D^2 + 2*Np*A*D`` (Np the grid padded to whole
   windows, which timm really projects) ``+ 2*h*w*D*H``; patch merging ``N_out*4*C_in*C_out``;
+- a PVTv2 block (:func:`pvt_block_macs`): queries and projection on N tokens, keys and values on the M regions
+  of its spatial reduction (a convolution), ``2*N*M*D``; MLP linear layers and a 3x3 depth-wise convolution;
 - STViT's learned pooling (3x3 depth-wise conv and 1x1 conv to one logit): ``10*N*D``, reported as overhead;
 - the patch embedding ``n0 * (C * p^2) * D`` and the head.
 
@@ -197,6 +199,31 @@ def swin_block_macs(grid: tuple[int, int], window: tuple[int, int], dim: int, hi
     """(attention, MLP) MACs of a Swin block on ``grid`` (attention runs on the grid padded to windows)."""
     padded = math.ceil(grid[0] / window[0]) * window[0] * math.ceil(grid[1] / window[1]) * window[1]
     return attention_macs(padded, window[0] * window[1], dim, padded), mlp_macs(grid[0] * grid[1], dim, hidden)
+
+
+def conv_macs(out_grid: tuple[int, int], in_channels: int, out_channels: int, kernel: tuple[int, int],
+              groups: int = 1) -> int:
+    """MACs of a 2-d convolution producing ``out_grid``."""
+    return out_grid[0] * out_grid[1] * out_channels * (in_channels // groups) * kernel[0] * kernel[1]
+
+
+def pvt_block_macs(grid: tuple[int, int], sr: int, dim: int, hidden: int, mlp_tokens: int | None = None
+                   ) -> tuple[int, int]:
+    """(attention, MLP) MACs of a PVTv2 block on ``grid``: queries and output projection on the N tokens, keys
+    and values on the M = (h // sr) * (w // sr) regions of the ``sr x sr`` reduction (a convolution, counted when
+    ``sr > 1``), scores and weighted sum ``2*N*M*D``; the MLP's linear layers on ``mlp_tokens`` (default N; fewer
+    in a reducing block) and its 3x3 depth-wise convolution on the whole grid.
+
+    >>> pvt_block_macs((8, 8), 1, 32, 256) == (4 * 64 * 32**2 + 2 * 64 * 64 * 32, 2 * 64 * 32 * 256 + 64 * 256 * 9)
+    True
+    """
+    tokens = grid[0] * grid[1]
+    regions = (grid[0] // sr) * (grid[1] // sr) if sr > 1 else tokens
+    attn = 2 * tokens * dim * dim + 2 * regions * dim * dim + 2 * tokens * regions * dim
+    if sr > 1:
+        attn += conv_macs((grid[0] // sr, grid[1] // sr), dim, dim, (sr, sr))
+    kept = tokens if mlp_tokens is None else mlp_tokens
+    return attn, mlp_macs(kept, dim, hidden) + conv_macs(grid, hidden, hidden, (3, 3), groups=hidden)
 
 
 def pooling_macs(kind: str, tokens: int, dim: int) -> int:
