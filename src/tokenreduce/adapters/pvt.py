@@ -163,7 +163,7 @@ def reduced_mlp(mlp: MlpWithDepthwiseConv, x: torch.Tensor, state: TokenState, g
                 ) -> torch.Tensor:
     """The MLP on the remaining tokens (``x``: their normed features), its depth-wise convolution on the grid."""
     hidden = mlp.fc1(x)
-    on_grid = restore(state.replace(x=hidden, left_x=hidden.new_zeros(*state.owner.shape, hidden.shape[-1])),
+    on_grid = restore(state.replace(x=hidden, left_x=hidden.new_zeros(())),
                       rule="departure")
     batch, num_patches, width = on_grid.shape
     conv = mlp.dwconv(mlp.relu(on_grid.transpose(1, 2).reshape(batch, width, *grid)))
@@ -180,8 +180,9 @@ def reduced_block(blk: Block, x: torch.Tensor, grid: tuple[int, int], i: int, me
     state = TokenState(x=x, num_prefix=0, grid=grid).tracked(dense=True).replace(rule=block_rule(method))
     state = method.reduce(i, method.begin(state, plan), stats, plan.amounts[i])
     update = blk.drop_path2(reduced_mlp(blk.mlp, blk.norm2(state.x), state, grid))
-    # The update, not the feature, is restored: a patch whose token left keeps its own feature (left_x zero).
-    return x + restore(state.replace(x=update, left_x=torch.zeros_like(state.left_x)))
+    # The update, not the feature, is restored: a patch whose token left keeps its own feature (left_x zero, a
+    # scalar that broadcasts).
+    return x + restore(state.replace(x=update, left_x=update.new_zeros(())))
 
 
 BlockHook = common.BlockHook

@@ -135,8 +135,9 @@ def reduced_block(blk: SwinTransformerBlock, x: torch.Tensor, i: int, method: An
     state = TokenState(x=windows, num_prefix=0, grid=window).tracked(dense=True).replace(rule=method.restore_rule)
     state = method.reduce(i, method.begin(state, plan), stats, plan.amounts[i])
     update = blk.drop_path2(blk.mlp(blk.norm2(state.x)))
-    # The update, not the feature, is restored: a patch whose token left keeps its own feature (left_x zero).
-    windows = windows + restore(state.replace(x=update, left_x=torch.zeros_like(state.left_x)))
+    # The update, not the feature, is restored: a patch whose token left keeps its own feature (left_x zero, a
+    # scalar that broadcasts).
+    windows = windows + restore(state.replace(x=update, left_x=update.new_zeros(())))
     merged = window_reverse(windows.reshape(-1, window[0], window[1], dim), window, height, width)
     return torch.roll(merged, shift, (1, 2)) if any(shift) else merged
 
