@@ -297,8 +297,8 @@ def native_comparison(folder: Path, after: dict, summary: dict) -> list[str]:
 
 def report(args: argparse.Namespace) -> None:
     """Join the before / after runs of both measurements into precision.json and table.md."""
-    runs = {f"{d['kind']}_{d['label']}": d for d in (json.loads(p.read_text()) for p in Path(args.dir).glob("*.json")
-                                                         if p.name != "precision.json")}
+    found = (json.loads(p.read_text()) for p in Path(args.dir).glob("*.json") if p.name != "precision.json")
+    runs = {f"{d['kind']}_{d['label']}": d for d in found if "kind" in d}  # (cost.json is precision_cost.py's)
     lines, summary = [], {}
     after, before = runs.get("classify_after"), runs.get("classify_before")
     if after:
