@@ -44,6 +44,7 @@ def model() -> PyramidVisionTransformerV2:
     return make_pvt()
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_nothing_removed_equals_the_plain_model(model, method):
     x = images()
@@ -53,6 +54,7 @@ def test_nothing_removed_equals_the_plain_model(model, method):
             assert torch.equal(model(x), ref)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_reduced_runs_unpatch_exact_and_batch_independent(model, method):
     x = images(3, seed=1)

@@ -48,6 +48,7 @@ def model() -> SwinTransformer:
     return make_swin()
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_nothing_removed_equals_the_plain_model(model, method):
     x = images()
@@ -58,6 +59,7 @@ def test_nothing_removed_equals_the_plain_model(model, method):
             assert tr.describe(model)["tokens_out"] == [256, 256, 64, 64, 16, 16]
 
 
+@pytest.mark.floor
 def test_the_windowed_path_is_timms_block(model):
     """Every block (shifted or not) through the adapter's window path with nothing removed: timm's output."""
     class Identity:  # a method that removes nothing, through every hook the window path calls
@@ -104,6 +106,7 @@ def test_reduced_runs_and_unpatch_is_exact(model, method):
     assert not torch.allclose(out, ref, atol=1e-4)  # the reduction changed something
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_independence(model, method):
     x = images(4, seed=1)
