@@ -42,11 +42,11 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", ROOT.parent / "shared")).expanduser()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frontier import DATA_ROOT, MEAN, ROOT, STD  # noqa: E402  (one place finds the shared data)
+
 CIFAR = DATA_ROOT / "data" / "cifar10"
 RESULTS = ROOT / "benchmarks" / "results" / "testbeds"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_SIZE = 64
 REPORT_PER_CLASS = 200
 

@@ -165,3 +165,14 @@ def test_onnx_export_equals_eager(model, tmp_path):
     with tr.patched(model, "tome", **REDUCING["tome"]):
         result = tr.export_onnx(model, tmp_path / "pvt.onnx", img_size=SIZE, images=images(3))
     assert result.max_abs_diff < 1e-4 and result.checked_batches == (3, 1)
+
+
+def test_patches_to_tokens_is_the_mean_over_a_tokens_patches():
+    """A remaining token takes the mean of its patches' convolution outputs; a patch that left counts for none."""
+    from tokenreduce.adapters.pvt import patches_to_tokens
+    from tokenreduce.core.state import TokenState
+
+    values = torch.tensor([[[1.0], [3.0], [10.0], [7.0]]])
+    state = TokenState(x=torch.zeros(1, 2, 1), num_prefix=0, owner=torch.tensor([[0, 0, 1, 1]]),
+                       left=torch.tensor([[False, False, False, True]]))
+    assert patches_to_tokens(values, state).flatten().tolist() == [2.0, 10.0]
