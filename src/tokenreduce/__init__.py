@@ -27,6 +27,7 @@ from .core.cost import count_gmacs
 from .core.errors import InputError, InputTypeError, MissingExtraError, TokenReduceError
 from .core.state import TokenState
 from .export import OnnxExport, export_onnx
+from .export_openvino import OpenVinoExport, export_openvino
 from .methods.base import Method, Plan, register
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "InputTypeError",
     "MissingExtraError",
     "OnnxExport",
+    "OpenVinoExport",
     "TokenReduceError",
     "Method",
     "Plan",
@@ -44,6 +46,7 @@ __all__ = [
     "describe",
     "diagnostics",
     "export_onnx",
+    "export_openvino",
     "flops",
     "method_of",
     "methods",

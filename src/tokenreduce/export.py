@@ -12,6 +12,12 @@ need help, only while exporting:
 - GTP builds its graph with two forms that only the exporter sees (``methods/gtp.py``: no in-place diagonal fill,
   no write of traced tensors into the spatial-graph cache); the eager path is unchanged.
 
+int8: ``int8="dynamic"`` or ``"static"`` quantizes the checked float graph's matrix products (``MatMul``/``Gemm``,
+signed int8 weights) with ONNX Runtime's quantization tools; ``"static"`` calibrates the activations on
+``calibration`` images (QDQ format, which OpenVINO also runs as int8). The int8 graph is checked against the float
+PyTorch model on the check images (mean cosine of the outputs >= ``min_cosine``, top-1 agreement reported) before
+it is written. The methods' choices (similarities, attention) are computed inside the graph, from int8 products.
+
 One option cannot be exported: GTP's ``selection="random"`` (an ablation) draws its scores from a
 ``torch.Generator``, which no ONNX graph reproduces; it is refused with an ``InputError``.
 
@@ -41,7 +47,7 @@ from torch import nn
 from .api import method_of
 from .core.errors import InputError, InputTypeError, require
 
-__all__ = ["DEFAULT_OPSET", "OnnxExport", "default_img_size", "export_onnx", "onnx_session"]
+__all__ = ["DEFAULT_OPSET", "INT8_MODES", "OnnxExport", "default_img_size", "export_onnx", "onnx_session"]
 
 EXTRA = "export"
 #: ONNX opset of the exported graphs: onnxscript's own, run by onnxruntime >= 1.14.
@@ -49,6 +55,10 @@ DEFAULT_OPSET = 18
 #: Largest model written as one file; a larger one keeps its weights in ``<path>.data`` (protobuf's 2 GB limit).
 SINGLE_FILE_BYTES = 1_800_000_000
 INPUT_NAME = "images"
+#: int8 quantization of the exported graph: weights only, activations at run time ("dynamic"), or both calibrated.
+INT8_MODES = ("dynamic", "static")
+#: Quantized: the matrix products (every linear layer and attention product); the rest stays float32.
+INT8_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,9 @@ class OnnxExport:
     output_names: tuple[str, ...]
     max_abs_diff: float | None  # ONNX Runtime against PyTorch on the check images; None when not checked
     checked_batches: tuple[int, ...]
+    int8: str | None = None  # "dynamic" / "static" quantization, None for float32
+    cosine: float | None = None  # int8: mean cosine of the outputs against float PyTorch on the check images
+    agreement: float | None = None  # int8: share of check images whose top-1 (argmax of the output) agrees
 
 
 def _require_extra(check: bool) -> None:
@@ -180,7 +193,8 @@ def _check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
                 batch_size: int | None = None, opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
-                check: bool = True, atol: float = 1e-4) -> OnnxExport:
+                check: bool = True, atol: float = 1e-4, int8: str | None = None,
+                calibration: torch.Tensor | None = None, min_cosine: float = 0.99) -> OnnxExport:
     """Export ``model`` (as patched now; an STViT build; or plain) to the ONNX file ``path`` and check it.
 
     Args:
@@ -194,6 +208,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         check: run the written graph in ONNX Runtime (CPU) on ``images`` (and, with a dynamic batch, on the
             first image alone) and compare every output with PyTorch's; a difference above ``atol`` raises a
             ``RuntimeError`` and writes nothing.
+        int8: None (float32), ``"dynamic"`` (int8 weights, activations quantized at run time) or ``"static"``
+            (activations calibrated on ``calibration``): the matrix products of the checked float graph
+            quantized by ONNX Runtime; the int8 graph is written only when its outputs' mean cosine against
+            PyTorch's float outputs on the check images is at least ``min_cosine``.
+        calibration: ``"static"``: the calibration batch (e.g. 32-256 real photos, preprocessed); default the
+            check images.
 
     Returns:
         An :class:`OnnxExport` (path, sizes, opset, input and output names, largest difference found).
@@ -203,7 +223,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             "tokenreduce[export]"``.
         InputError: a bad size, batch size or check batch; a model that does not run at ``img_size``.
     """
-    _require_extra(check)
+    _require_extra(check or int8 is not None)
+    if int8 is not None and int8 not in INT8_MODES:
+        raise InputError(f"unknown int8 mode {int8!r}; valid: {', '.join(INT8_MODES)} (or None for float32)")
+    if not (isinstance(min_cosine, int | float) and -1 <= min_cosine <= 1):
+        raise InputError(f"min_cosine must be a number in [-1, 1], got {min_cosine!r}")
+    if int8 is not None and not check:
+        raise InputError("an int8 export is always checked against the float model; drop check=False")
     if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: export the model inside
         model = model._orig_mod
     if not isinstance(model, nn.Module):
@@ -216,6 +242,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     _refuse_unexportable(model)
     in_chans = _input_channels(model)
     check_images = _check_images(images, size, batch_size, in_chans)
+    if int8 == "static":
+        calibration = check_images if calibration is None else _check_images(calibration, size, batch_size, in_chans)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -234,7 +262,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         # Written in a new folder beside ``path`` and moved into place once checked: a failed export or check
         # leaves no file and an earlier file at ``path`` untouched.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tokenreduce-export-") as folder:
-            staged = Path(folder) / path.name
+            # int8: the float graph goes to a subfolder (checked first), its quantized copy to the staged path.
+            staged = Path(folder) / path.name if int8 is None else Path(folder) / "float" / path.name
+            staged.parent.mkdir(exist_ok=True)
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
@@ -255,9 +285,74 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
                 if diff > atol:
                     raise RuntimeError(f"the exported graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) "
                                        f"on the check images; nothing written")
+            cosine = agreement = None
+            if int8 is not None:
+                quantized = Path(folder) / path.name
+                quantize_onnx(staged, quantized, int8, calibration, big)
+                expected = _float_outputs(model, check_images, device)
+                got = onnx_session(quantized).run(None, {INPUT_NAME: check_images.numpy()})
+                cosine, agreement = output_agreement(expected, got)
+                if cosine < min_cosine:
+                    raise RuntimeError(f"the int8 graph's outputs have mean cosine {cosine:.4f} against the float "
+                                       f"model (< min_cosine {min_cosine:g}; top-1 agreement {agreement:.3f}) on "
+                                       f"the check images; nothing written")
             for staged_file in Path(folder).iterdir():  # the graph, and its weights file for a large model
-                os.replace(staged_file, path.parent / staged_file.name)
-    return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches)
+                if staged_file.is_file():
+                    os.replace(staged_file, path.parent / staged_file.name)
+    return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches, int8, cosine,
+                      agreement)
+
+
+def quantize_onnx(source: Path, target: Path, mode: str, calibration: torch.Tensor | None = None,
+                  external_data: bool = False) -> None:
+    """ONNX Runtime's int8 quantization of ``source``'s matrix products into ``target``: ``"dynamic"``
+    (``quantize_dynamic``) or ``"static"`` (``quantize_static``, QDQ format, activations calibrated on the
+    ``calibration`` batch, min-max, in batches of at most 16 images)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    common = dict(op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8,
+                  use_external_data_format=external_data)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # "please consider to run pre-processing before quantization"
+        if mode == "dynamic":
+            quantize_dynamic(str(source), str(target), **common)
+            return
+        batches = [{INPUT_NAME: chunk.numpy()} for chunk in calibration.split(16)]
+
+        class Batches(CalibrationDataReader):
+            def get_next(self) -> dict[str, Any] | None:
+                return batches.pop(0) if batches else None
+
+        quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, **common)
+
+
+def output_agreement(expected: list[Any], got: list[Any]) -> tuple[float, float]:
+    """(mean cosine over every output row, share of images whose first output's top-1 agrees): how close a
+    quantized graph's outputs (``got``, numpy arrays) stay to the float model's (``expected``)."""
+    import numpy as np
+
+    cosines = []
+    for e, g in zip(expected, got, strict=True):
+        if e.shape != g.shape:
+            raise RuntimeError(f"the int8 graph gives shape {g.shape} where PyTorch gives {e.shape}")
+        e2, g2 = e.reshape(e.shape[0], -1).astype(np.float64), g.reshape(g.shape[0], -1).astype(np.float64)
+        norms = np.linalg.norm(e2, axis=1) * np.linalg.norm(g2, axis=1)
+        cosines.append(np.where(norms > 0, (e2 * g2).sum(axis=1) / np.maximum(norms, 1e-30), 1.0))
+    first_e, first_g = expected[0].reshape(expected[0].shape[0], -1), got[0].reshape(got[0].shape[0], -1)
+    agreement = float((first_e.argmax(axis=1) == first_g.argmax(axis=1)).mean()) if first_e.size else 1.0
+    return float(np.concatenate(cosines).mean()), agreement
+
+
+def _float_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> list[Any]:
+    with torch.inference_mode():
+        return [t.float().cpu().numpy() for t in _flat(model(images.to(device)))]
 
 
 def _refuse_unexportable(model: nn.Module) -> None:
@@ -281,8 +376,7 @@ def _compare(model: nn.Module, path: Path, images: torch.Tensor, batches: tuple[
     worst = 0.0
     for count in batches:
         batch = images[:count]
-        with torch.inference_mode():
-            expected = [t.float().cpu().numpy() for t in _flat(model(batch.to(device)))]
+        expected = _float_outputs(model, batch, device)
         got = session.run(None, {INPUT_NAME: batch.numpy()})
         for e, g in zip(expected, got, strict=True):
             if e.shape != g.shape:

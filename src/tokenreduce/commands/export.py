@@ -1,12 +1,20 @@
-"""``tokenreduce export``: a reduced model as an ONNX graph, checked in ONNX Runtime against PyTorch.
+"""``tokenreduce export``: a reduced model as an ONNX graph (checked in ONNX Runtime against PyTorch) or an
+OpenVINO IR (checked in OpenVINO), float32 or int8.
 
     tokenreduce export --model deit_small_patch16_224 --method tome --r 13 --out deit_s_tome.onnx
     tokenreduce export --model demo --method ppt --r 50 --layers 3,6,9 --out ppt.onnx --images photos/
     tokenreduce export --method stvit --stvit-checkpoint runs/stvit/last.pth --out stvit.onnx --batch-size 32
+    tokenreduce export --model demo --method tome --r 13 --int8 static --calibration photos/ --out tome8.onnx
+    tokenreduce export --model demo --method gtp --r 13 --format openvino --out gtp.xml
 
 The image size is fixed in the graph (the model's own, or ``--img-size``); the batch axis is dynamic unless
 ``--batch-size`` fixes it. The check runs ``--check-count`` images (from ``--images``, preprocessed as the model
-expects, else random) through ONNX Runtime and PyTorch; a difference above ``--atol`` writes nothing.
+expects, else random) through the runtime and PyTorch; a difference above ``--atol`` writes nothing.
+
+``--int8`` (``dynamic``, the default, or ``static``, calibrated on ``--calibration DIR``) quantizes the matrix
+products with ONNX Runtime and writes the graph only if its outputs' mean cosine against the float model stays at
+least ``--min-cosine``. ``--format openvino`` writes ``.xml`` + ``.bin``, converted from the checked ONNX graph
+(``--source onnx``, the default) or traced from PyTorch (``--source torch``).
 """
 
 from __future__ import annotations
@@ -17,13 +25,26 @@ from ..core.errors import InputError
 from . import _common
 
 NAME = "export"
-HELP = "Export a reduced model to ONNX (dynamic batch axis) and check it in ONNX Runtime against PyTorch."
+HELP = ("Export a reduced model to ONNX or OpenVINO (float32 or int8, dynamic batch axis) and check it against "
+        "PyTorch.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_model_arguments(parser)
     _common.add_method_arguments(parser, required=False)
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--out", required=True, help="the file to write: .onnx, or .xml for --format openvino")
+    parser.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                        help="onnx (default) or openvino (IR .xml + .bin; needs the [openvino] extra)")
+    parser.add_argument("--source", choices=("onnx", "torch"), default=None,
+                        help="--format openvino: convert the checked ONNX graph (default) or trace PyTorch")
+    parser.add_argument("--int8", nargs="?", const="dynamic", choices=("dynamic", "static"), default=None,
+                        help="quantize the matrix products to int8: dynamic (default when given alone) or static")
+    parser.add_argument("--calibration", default=None, metavar="DIR",
+                        help="--int8 static: photos to calibrate the activations on (default: the check images)")
+    parser.add_argument("--calibration-count", type=int, default=64,
+                        help="photos of --calibration used (default 64)")
+    parser.add_argument("--min-cosine", type=float, default=0.99,
+                        help="--int8: least mean cosine of the outputs against the float model (default 0.99)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input side in pixels, fixed in the graph (default: the model's; timm models are "
                              "built at this size)")
@@ -70,13 +91,23 @@ def run(args: argparse.Namespace) -> int:
     from ..core.errors import require
     from ..export import DEFAULT_OPSET, EXTRA, default_img_size
 
-    for module in ("onnx", "onnxscript") + (() if args.no_check else ("onnxruntime",)):
-        require(module, EXTRA)  # before building anything
+    if args.format == "openvino":
+        require("openvino", "openvino")
+    for module in ("onnx", "onnxscript") + (() if args.no_check and not args.int8 else ("onnxruntime",)):
+        if args.format == "onnx" or args.source != "torch":
+            require(module, EXTRA)  # before building anything
     name, options = _common.method_options(args)
     for flag, value in (("--img-size", args.img_size), ("--batch-size", args.batch_size),
-                        ("--check-count", args.check_count), ("--opset", args.opset)):
+                        ("--check-count", args.check_count), ("--opset", args.opset),
+                        ("--calibration-count", args.calibration_count)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be positive, got {value}")
+    if args.calibration and args.int8 != "static":
+        raise InputError("--calibration goes with --int8 static")
+    if args.int8 and args.no_check:
+        raise InputError("an int8 export is always checked against the float model; drop --no-check")
+    if args.source is not None and args.format != "openvino":
+        raise InputError("--source goes with --format openvino")
     timm_model = args.model != _common.DEMO_MODEL and not args.model.startswith((_common.HF_PREFIX,
                                                                                   _common.OPEN_CLIP_PREFIX))
     overrides = {"img_size": args.img_size} if args.img_size and timm_model else {}
@@ -92,16 +123,32 @@ def run(args: argparse.Namespace) -> int:
                                  f"{count} needs as many")
         else:
             images = torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(0))
-    result = tr.export_onnx(model, args.out, img_size=size, batch_size=args.batch_size,
-                            opset=args.opset or DEFAULT_OPSET, images=images, check=not args.no_check,
-                            atol=args.atol)
+    calibration = None
+    if args.calibration:
+        calibration = check_batch(unwrap(model), args.calibration, args.calibration_count, size)
+    common = dict(img_size=size, batch_size=args.batch_size, images=images, check=not args.no_check,
+                  atol=args.atol, int8=args.int8, calibration=calibration, min_cosine=args.min_cosine)
+    if args.format == "openvino":
+        result = tr.export_openvino(model, args.out, source=args.source or "onnx", **common)
+        kind, runtime, tail = "OpenVINO IR", "OpenVINO", ""
+    else:
+        result = tr.export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, **common)
+        kind, runtime, tail = "ONNX", "onnxruntime", f", opset {result.opset}"
     batch = "dynamic" if result.batch_size is None else str(result.batch_size)
-    print(f"wrote {result.path}: {_common.describe_method(name, options)} at {size[0]}x{size[1]}, batch {batch}, "
-          f"opset {result.opset}")
+    details = [f"int8 {args.int8}"] if args.int8 else []
+    if args.format == "openvino":
+        details.append(f"from {result.source}")
+    label = f" ({', '.join([kind, *details])})" if details or args.format != "onnx" else ""
+    print(f"wrote {result.path}{label}: {_common.describe_method(name, options)} at {size[0]}x{size[1]}, "
+          f"batch {batch}{tail}")
+    source = f"{images.shape[0]} images of {args.images}" if args.images else "random images"
     if result.max_abs_diff is not None:
-        source = f"{images.shape[0]} images of {args.images}" if args.images else "random images"
-        print(f"onnxruntime vs PyTorch on {source} (batches {list(result.checked_batches)}): largest difference "
+        print(f"{runtime} vs PyTorch on {source} (batches {list(result.checked_batches)}): largest difference "
               f"{result.max_abs_diff:.3g} (atol {args.atol:g})")
+    if result.cosine is not None:
+        print(f"int8 vs float PyTorch on {source}: mean output cosine {result.cosine:.4f} (min {args.min_cosine:g}), "
+              f"top-1 agreement {result.agreement:.3f}")
     _common.write_json(args.json, {"command": "export", "model": args.model, "method": name, "options": options,
-                                   "images": args.images, **vars(result)})
+                                   "format": args.format, "images": args.images,
+                                   "calibration": args.calibration, **vars(result)})
     return 0

@@ -55,6 +55,20 @@ MAP_CHUNK_ELEMENTS = 1 << 20
 MAP_KERNELS = ("auto", "chunked", "fused")
 
 
+
+def diagonal_of(probs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The entries ``(i, i + offset)`` of the last two axes of ``probs`` (``... x rows x N``), as ``... x rows``.
+
+    A gather rather than ``Tensor.diagonal``: the same values, and OpenVINO's TorchScript frontend (its direct
+    conversion of a patched model) has no ``aten::diagonal``.
+
+    >>> diagonal_of(torch.arange(9.0).view(1, 3, 3)).tolist()
+    [[0.0, 4.0, 8.0]]
+    """
+    rows = probs.shape[-2]
+    index = torch.arange(offset, offset + rows, device=probs.device).view(rows, 1)
+    return probs.gather(-1, index.expand(*probs.shape[:-1], 1)).squeeze(-1)
+
 def _add_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return logits if bias is None else logits + bias
 
@@ -162,7 +176,7 @@ def map_statistics(
         if "col_sum" in need:
             stats["col_sum"] = probs.sum(dim=-2)
         if "diag" in need:
-            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
+            stats["diag"] = diagonal_of(probs)
     else:
         # A few images per chunk; when one image's map alone is over the budget (video, large images), a few
         # of its query rows per chunk, the column sums then added up over the row blocks.
@@ -181,7 +195,7 @@ def map_statistics(
                 if columns is not None:
                     columns[part] += probs.sum(dim=-2)
                 if diagonal is not None:  # the entries (i, i) of these rows: the block's diagonal at offset row
-                    diagonal[part, :, rows] = probs.diagonal(offset=row, dim1=-2, dim2=-1)
+                    diagonal[part, :, rows] = diagonal_of(probs, offset=row)
         stats = {name: t for name, t in (("col_sum", columns), ("diag", diagonal)) if t is not None}
     if out is None:
         default = scale == q.shape[-1] ** -0.5
@@ -245,7 +259,7 @@ def attend(
         if "col_sum" in need:
             stats["col_sum"] = probs.sum(dim=-2)
         if "diag" in need:
-            stats["diag"] = probs.diagonal(dim1=-2, dim2=-1)
+            stats["diag"] = diagonal_of(probs)
         if "cls_attn" in need:
             stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
         out = (probs if attn_drop is None else attn_drop(probs)).to(v.dtype) @ v

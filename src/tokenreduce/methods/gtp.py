@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.attention import diagonal_of
 from ..core.errors import InputError, InputTypeError
 from ..core.ops import depart, gather_tokens, kept_destination, remap_owner
 from ..core.precision import decide
@@ -85,9 +86,10 @@ def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
 
 
 def _exporting() -> bool:
-    """Whether ``torch.export`` (hence ``tr.export_onnx``) is tracing; torch < 2.6 has no such flag."""
+    """Whether ``torch.export`` (hence ``tr.export_onnx``) or TorchScript (OpenVINO's direct conversion) is
+    tracing; torch < 2.6 has no ``is_exporting`` flag."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+    return bool(is_exporting is not None and is_exporting()) or torch.jit.is_tracing()
 
 
 def _build_spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +116,8 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
         similarity = _exclude_self(similarity)
         neighbours = similarity.topk(k, dim=-1).indices
         adjacency = torch.zeros(similarity.shape, dtype=torch.bool, device=tokens.device)
-        return adjacency.scatter_(2, neighbours, True)
+        # A tensor source: TorchScript tracing (OpenVINO's direct conversion) has no scatter with a bool scalar.
+        return adjacency.scatter(2, neighbours, torch.ones_like(neighbours, dtype=torch.bool))
 
 
 def _exclude_self(similarity: torch.Tensor) -> torch.Tensor:
@@ -204,7 +207,7 @@ def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix:
     reduce_heads = (lambda t: t.amax(dim=1)) if selection != "mixed_attn_mean" else (lambda t: t.mean(dim=1))
     attn = stats.get("attn")
     if selection in ("mixed_attn_max", "mixed_attn_mean", "diag"):
-        per_head = stats["diag"] if "diag" in stats else attn.diagonal(dim1=-2, dim2=-1)
+        per_head = stats["diag"] if "diag" in stats else diagonal_of(attn)
         diag = reduce_heads(per_head[:, :, num_prefix:])
         if selection == "diag":
             return diag
