@@ -95,3 +95,13 @@ def test_demo_reports_noise_and_lists_every_file_it_wrote(tmp_path, monkeypatch,
     for path in written:
         assert f"  {path} (" in printed
     assert all(Path(p).is_file() for p in data["files"])
+
+
+def test_demo_with_a_hub_model_offline_is_one_line(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    assert main(["demo", "--model", "deit_small_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "Hugging Face hub" in err and "without --model the demo needs no hub" in err
