@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade -c constraints.txt pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,demo,export,openvino]"
+	$(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt -e ".[dev,demo,export,openvino]"
 	touch $@
 
 demo: setup

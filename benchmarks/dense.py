@@ -95,9 +95,11 @@ TRAIN_TRANSFORM = transforms.Compose([
 # --- places -------------------------------------------------------------------------------------------------
 
 def default_data_root() -> Path:
-    """The shared data and models: ``$TOKENREDUCE_DATA_ROOT``, else ``shared`` beside the repository root."""
-    env = os.environ.get("TOKENREDUCE_DATA_ROOT")
-    return Path(env).expanduser() if env else ROOT.parent / "shared"
+    """The shared data and models: ``$TOKENREDUCE_DATA_ROOT``, else ``shared`` beside the repository root
+    (``tokenreduce.measure.data.data_root``, the one place that finds them)."""
+    from tokenreduce.measure.data import data_root
+
+    return data_root(start=ROOT, check=False)
 
 
 def cache_root() -> Path:

@@ -36,12 +36,14 @@ from torchvision import transforms  # noqa: E402
 
 import tokenreduce as tr  # noqa: E402
 from tokenreduce.measure.checkpoint import load_checkpoint  # noqa: E402
+from tokenreduce.measure.data import data_root, portable_path  # noqa: E402
 from tokenreduce.measure.speed import environment, method_speedups  # noqa: E402
 from tokenreduce.methods.base import _REGISTRY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# The shared data and models: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
-DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", ROOT.parent / "shared")).expanduser()
+# The shared data and models (tokenreduce.measure.data.data_root, the one place that finds them):
+# $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+DATA_ROOT = data_root(start=ROOT, check=False)
 MODEL_FILE = DATA_ROOT / "models" / "dinov2_s14_cifar10.safetensors"
 DATA_DIR = DATA_ROOT / "data" / "cifar10" / "test"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.methods.split(",") if args.methods else training_free_methods()
     levels = [float(v) for v in args.levels.split(",")]
     result = {
-        "model": "vit_small_patch14_dinov2 + CIFAR-10 linear head (" + str(MODEL_FILE) + ")",
-        "data": f"{DATA_DIR}: first {args.per_class} per class, sorted names; resize 224 bicubic, no crop",
+        "model": f"vit_small_patch14_dinov2 + CIFAR-10 linear head ({portable_path(MODEL_FILE)})",
+        "data": f"{portable_path(DATA_DIR)}: first {args.per_class} per class, sorted names; resize 224 bicubic, "
+                "no crop",
         "images": len(images),
         "settings": {"dtype": args.dtype, "threads": args.threads, "speed_batch": args.speed_batch,
                      "speed_rounds": args.speed_rounds, "environment": environment(dtype)},

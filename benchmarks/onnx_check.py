@@ -26,11 +26,13 @@ import tokenreduce as tr
 from tokenreduce.commands.export import check_batch
 from tokenreduce.export import export_onnx, onnx_session
 from tokenreduce.measure.checkpoint import load_checkpoint
+from tokenreduce.measure.data import data_root
 
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import SETTINGS  # noqa: E402  (the README's settings)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The shared data and models: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+SHARED = data_root(start=__file__, check=False)
 
 
 def main() -> None:

@@ -29,10 +29,12 @@ from safetensors.torch import load_file
 
 import tokenreduce as tr
 from tokenreduce import stvit
+from tokenreduce.measure.data import data_root, portable_path
 from tokenreduce.train import TrainConfig, evaluate, load_weights, train
 
-# The shared data and models: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
-DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser()
+# The shared data and models (tokenreduce.measure.data.data_root, the one place that finds them):
+# $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
+DATA_ROOT = data_root(start=__file__, check=False)
 WEIGHTS = str(DATA_ROOT / "models" / "dinov2_s14_cifar10.safetensors")
 TRAIN = str(DATA_ROOT / "data" / "cifar10" / "train")
 TEST = str(DATA_ROOT / "data" / "cifar10" / "test")
@@ -96,7 +98,8 @@ def run_eval(args: argparse.Namespace) -> None:
                        "images_seen": checkpoint["step"] * checkpoint["config"]["batch_size"],
                        "train_images": checkpoint["config"]["subset"],
                        "wall_seconds": history[-1]["seconds"] if history else None,
-                       "history": history, "settings": checkpoint["config"]})
+                       "history": history,
+                       "settings": {**checkpoint["config"], "data": portable_path(checkpoint["config"]["data"])}})
     previous = RESULTS / "stvit_cifar10.json"
     earlier = json.loads(previous.read_text()).get("evaluations", []) if previous.exists() else []
     stvit_result = {"top1": result["top1"], "gmacs": report.total_gmacs, "gmacs_without_scorer": report.gmacs,

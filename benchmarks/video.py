@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -40,11 +39,13 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce as tr
+from tokenreduce.measure.data import data_root
 from tokenreduce.measure.speed import environment
 
 RESULTS = Path(__file__).parent / "results"
-# The shared data: $TOKENREDUCE_DATA_ROOT, else ``shared`` beside the repository root.
-DATA_ROOT = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser()
+# The shared data (tokenreduce.measure.data.data_root, the one place that finds it): $TOKENREDUCE_DATA_ROOT,
+# else ``shared`` beside the repository root.
+DATA_ROOT = data_root(start=__file__, check=False)
 PHOTOS = DATA_ROOT / "data" / "imagenet-val-1300" / "images"
 PHOTO = "ILSVRC2012_val_00000347.JPEG"
 METHODS = ("tome", "topk", "evit", "gtp", "ppt")
@@ -258,6 +259,14 @@ def panned_clip(frames: int, size: int, step: int) -> tuple[torch.Tensor, np.nda
     return x, shown
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` from the repository root (results name no absolute path of the machine they ran on)."""
+    try:
+        return Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def picture(video: torch.nn.Module, rows: list[dict[str, Any]], config: dict[str, Any], out: Path) -> dict[str, Any]:
     """Which tubelets each method keeps, merges and prunes over the frames of a panned clip (the 50% schedules),
     after the last block; one row per method, one column per time step (its first frame)."""
@@ -298,7 +307,7 @@ def picture(video: torch.nn.Module, rows: list[dict[str, Any]], config: dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
-    return {"path": str(out), "photo": PHOTO, "pan_px_per_frame": 8, "counts": counts}
+    return {"path": repo_relative(out), "photo": PHOTO, "pan_px_per_frame": 8, "counts": counts}
 
 
 def self_check(video: torch.nn.Module, image: torch.nn.Module, rows: list[dict[str, Any]], config: dict) -> None:

