@@ -18,8 +18,8 @@ from torch import nn
 
 import tokenreduce as tr
 from tokenreduce import adapters
-from tokenreduce.adapters import common, family_for_spec, num_classes, predictor
-from tokenreduce.core.errors import InputError, MissingExtraError
+from tokenreduce.adapters import common, family_for_spec, num_classes, predictor, preprocessing_of
+from tokenreduce.core.errors import InputError, InputTypeError, MissingExtraError
 
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip not installed")
@@ -106,6 +106,7 @@ def test_timm_model_and_its_preprocessing_are_timms(tmp_path):
     overrides = {"crop_pct": 0.8, "interpolation": "bilinear"}
     assert prep.data_config(**overrides) == resolve_data_config({**overrides, "input_size": (3, 64, 64)}, model=model)
     assert prep.data_config() == resolve_data_config({"input_size": (3, 64, 64)}, model=model)
+    assert preprocessing_of(model).data_config() == prep.data_config()  # read back from the model itself
     bare, bare_prep = tr.load("deit_tiny_patch16_224", depth=2, img_size=64)
     assert type(bare) is type(model) and bare_prep == prep and bare.num_classes == 1000
     with pytest.raises(InputError, match="not accepted by timm model"):
@@ -145,6 +146,7 @@ def test_hf_load_from_a_saved_directory(hf_dirs):
     assert type(model) is ViTForImageClassification and not model.training and num_classes(model) == 4
     assert prep.input_size == (3, 32, 32) and prep.interpolation == "bilinear" and prep.crop_mode == "squash"
     assert prep.mean == pytest.approx((0.5, 0.4, 0.3)) and prep.source.endswith("preprocessor_config.json")
+    assert preprocessing_of(model) == prep  # from the directory the model remembers (name_or_path)
     x = torch.randn(3, 3, 32, 32)
     reference = ViTForImageClassification.from_pretrained(hf_dirs / "classifier").eval()
     with torch.no_grad():
@@ -182,7 +184,7 @@ def test_open_clip_load_by_config_name_and_by_json(tmp_path):
     assert type(model) is open_clip.transformer.VisionTransformer and not model.training
     assert prep.input_size == (3, 224, 224) and prep.crop_mode == "center" and prep.crop_pct == 1.0
     assert prep.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
-    assert num_classes(model) == 0 and len(tr.flops(model).blocks) == 12
+    assert num_classes(model) == 0 and len(tr.flops(model).blocks) == 12 and preprocessing_of(model) == prep
     with torch.no_grad():
         assert predictor(model)(model, torch.randn(1, 3, 224, 224)).shape == (1, 256)
 
@@ -244,6 +246,11 @@ def test_family_model_is_gone():
     assert not any(hasattr(_common, name) for name in ("FamilyModel", "load_family_model", "hf_data_config",
                                                         "open_clip_data_config"))
     assert not [p for p in PACKAGE.rglob("*.py") if "FamilyModel" in p.read_text()]
+
+
+def test_preprocessing_of_a_model_of_no_family_is_a_type_error():
+    with pytest.raises(InputTypeError, match="Linear is not a model of a family"):
+        preprocessing_of(nn.Linear(2, 2))
 
 
 def test_preprocessing_transform_matches_its_data_config():

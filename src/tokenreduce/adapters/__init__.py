@@ -14,7 +14,7 @@ An adapter that loads its family's models from a spec (``Family.prefix``: ``toke
 eval mode and its ``common.Preprocessing``. An adapter whose models do not return one tensor has
 ``predict(model, images) -> Tensor`` (a classifier's logits, else the embedding) and ``num_classes(model)``;
 :func:`predictor` and :func:`num_classes` give them for any model (``model(images)`` and ``model.num_classes``
-otherwise).
+otherwise); ``preprocessing_of(model)`` reads the preprocessing a model carries (:func:`preprocessing_of`).
 
 A hierarchical family whose blocks do not pass one token sequence along (Swin: the methods run inside every
 window of every block) has no ``ModelInfo``; instead it gives ``flops_report(model, method, img_size)`` (the
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError, InputTypeError, MissingExtraError
+from .common import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,22 @@ def num_classes(model: nn.Module) -> int:
     return int(own(model)) if own is not None else int(getattr(model, "num_classes", 0) or 0)
 
 
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """The preprocessing ``model`` expects, read from the model itself (``tokenreduce.load`` returns it beside the
+    model): a timm model's ``pretrained_cfg`` at its built size, an open_clip tower's ``preprocess_cfg``, a
+    Hugging Face model's ``preprocessor_config.json`` in the directory it was loaded from.
+
+    >>> import timm
+    >>> preprocessing_of(timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32)).img_size
+    (32, 32)
+    """
+    own = _own(model, "preprocessing_of")
+    if own is None:
+        raise InputTypeError(f"{type(model).__name__} is not a model of a family that knows its preprocessing "
+                             f"({', '.join(f.name for f in FAMILIES if f.prefix)})")
+    return own(model)
+
+
 def family_for_spec(spec: str) -> tuple[Family, str]:
     """(the family whose ``load`` takes ``spec``, the spec without its prefix): ``prefix:NAME`` by prefix, a bare
     name claimed by a family (``swin3d_t``) by that family, any other bare name by timm's.
@@ -179,4 +196,4 @@ def loader(family: Family) -> Callable[..., object]:
 
 
 __all__ = ["DEFAULT_PREFIX", "FAMILIES", "Family", "adapter_for", "call", "family_for_spec", "loader", "num_classes",
-           "predictor", "register_family"]
+           "predictor", "preprocessing_of", "register_family"]

@@ -593,7 +593,7 @@ def _size_pair(size: Any) -> tuple[int, int] | None:
     return None
 
 
-def preprocessing(path: str | Path, config: Any) -> common.Preprocessing:
+def preprocessing(path: str | Path | None, config: Any) -> common.Preprocessing:
     """The preprocessing of an HF model directory, from its image processor (``preprocessor_config.json``): mean,
     std, resample -> interpolation, and ``size`` / ``crop_size``: ``{height, width}`` is a squash resize to that
     size (``crop_mode='squash'``); ``{shortest_edge}`` with a centre crop is timm's centre crop with
@@ -605,8 +605,8 @@ def preprocessing(path: str | Path, config: Any) -> common.Preprocessing:
     frames = getattr(config, "num_frames", None)
     out: dict[str, Any] = {"input_size": (3, *image_size), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
                            "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0, "crop_mode": "squash"}
-    file = Path(path) / "preprocessor_config.json"
-    if not file.is_file():
+    file = Path(path) / "preprocessor_config.json" if path else None
+    if file is None or not file.is_file():
         return common.Preprocessing.from_data_config(out, "defaults (no preprocessor_config.json)", frames)
     try:
         from transformers import AutoImageProcessor
@@ -635,6 +635,12 @@ def preprocessing(path: str | Path, config: Any) -> common.Preprocessing:
         out["input_size"] = (3, *crop_pair)
         out["crop_mode"], out["crop_pct"] = "center", crop_pair[0] / pair[0]
     return common.Preprocessing.from_data_config(out, str(file), frames)
+
+
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` of the directory the model was loaded from (``name_or_path``; defaults without one)."""
+    path = getattr(model, "name_or_path", None)
+    return preprocessing(path if path and Path(path).is_dir() else None, model.config)
 
 
 def load(path: str, checkpoint: str | None = None, pretrained: bool = False, num_classes: int | None = None,

@@ -291,6 +291,11 @@ def preprocessing(visual: nn.Module) -> common.Preprocessing:
         source="open_clip preprocess_cfg")
 
 
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` of the tower."""
+    return preprocessing(model)
+
+
 def load(name: str, checkpoint: str | None = None, pretrained: bool | str | None = False,
          num_classes: int | None = None, **kwargs: Any) -> common.Loaded:
     """The image tower (``model.visual``) of the open_clip model config ``name`` (or a path to a model-config

@@ -228,6 +228,12 @@ def preprocessing(model: nn.Module, source: str = "") -> common.Preprocessing:
     return common.Preprocessing.from_data_config(config, source or "timm pretrained_cfg")
 
 
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` (the same for timm's Swin and PVTv2: ``adapters.preprocessing_of`` asks the first
+    timm family)."""
+    return preprocessing(model)
+
+
 def load(name: str, checkpoint: str | None = None, pretrained: bool = False, **kwargs: Any) -> common.Loaded:
     """``timm.create_model(name, pretrained=pretrained, **kwargs)`` in eval mode, with the weights of
     ``checkpoint`` (a state dict file; the hub weights are then not fetched), and its timm preprocessing."""

