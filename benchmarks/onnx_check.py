@@ -19,13 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import tokenreduce as tr
 from tokenreduce.commands.export import check_batch
 from tokenreduce.export import export_onnx, onnx_session
-from tokenreduce.measure.checkpoint import load_checkpoint
 from tokenreduce.measure.data import data_root
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,9 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=10).eval()
-    load_checkpoint(model, args.checkpoint)
-    photos = check_batch(model, args.images, args.count, (224, 224))
+    model, prep = tr.load("vit_small_patch14_dinov2", checkpoint=args.checkpoint, img_size=224, num_classes=10)
+    photos = check_batch(prep, args.images, args.count, (224, 224))
     folder = Path(tempfile.mkdtemp(prefix="onnx_check_"))
     variants = dict(SETTINGS)
     variants["stvit num_semantic=16 (untrained)"] = ("stvit", {"num_semantic": 16})

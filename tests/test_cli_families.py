@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import tokenreduce as tr
+from tokenreduce.adapters import num_classes, predictor
 from tokenreduce.cli import main
-from tokenreduce.commands import _common
 
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip not installed")
@@ -98,25 +98,26 @@ def test_open_clip_model_is_the_image_tower_with_its_weights_and_preprocessing(o
     import open_clip
 
     spec, checkpoint = open_clip_spec
-    model = _common.load_family_model(spec, str(checkpoint))
-    assert isinstance(model.module, open_clip.transformer.VisionTransformer)
+    model, prep = tr.load(spec, checkpoint=str(checkpoint))  # what the commands call
+    assert type(model) is open_clip.transformer.VisionTransformer and not model.training
     reference = open_clip.create_model("tiny-clip", pretrained=None)
     reference.load_state_dict(torch.load(checkpoint))
     x = torch.randn(2, 3, 64, 64)
+    predict = predictor(model)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference.eval().encode_image(x))
-    cfg = model.pretrained_cfg
+        assert torch.equal(predict(model, x), reference.eval().encode_image(x))
+    cfg = prep.data_config()
     assert cfg["input_size"] == (3, 64, 64) and cfg["interpolation"] == "bicubic" and cfg["crop_mode"] == "center"
-    assert cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    assert len(model.blocks) == 4 and model.num_classes == 0
+    assert cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and cfg["crop_pct"] == 1.0
+    assert len(tr.flops(model).blocks) == 4 and num_classes(model) == 0
     # the tower's own state dict loads too
     tower = checkpoint.parent / "tower.pth"
     torch.save(reference.visual.state_dict(), tower)
     with torch.no_grad():
-        assert torch.equal(_common.load_family_model(spec, str(tower)).eval()(x), model(x))
-    tr.patch(model, "tome", r=4)  # through the wrapper, as the commands do
+        assert torch.equal(predict(tr.load(spec, checkpoint=str(tower)).model, x), predict(model, x))
+    tr.patch(model, "tome", r=4)  # the family's own model: no wrapper
     assert tr.describe(model)["tokens_out"] == [61, 57, 53, 49]
-    assert type(model.module).__name__ == "TokenReducedVisionTransformer"
+    assert type(model).__name__ == "TokenReducedVisionTransformer"
 
 
 @needs_open_clip
@@ -159,30 +160,33 @@ def test_open_clip_bad_specs_exit_2(tmp_path, capsys):
 def test_hf_model_and_preprocessing_from_the_directory(hf_dir):
     from transformers import ViTForImageClassification
 
-    model = _common.load_family_model(f"hf:{hf_dir}")
-    assert isinstance(model.module, ViTForImageClassification) and model.num_classes == 3
-    cfg = model.pretrained_cfg
+    model, prep = tr.load(f"hf:{hf_dir}")  # what the commands call
+    assert type(model) is ViTForImageClassification and num_classes(model) == 3 and not model.training
+    cfg = prep.data_config()
     assert cfg["input_size"] == (3, 64, 64) and cfg["crop_mode"] == "squash" and cfg["interpolation"] == "bilinear"
     assert cfg["mean"] == pytest.approx((0.5, 0.4, 0.3)) and cfg["std"] == pytest.approx((0.2, 0.25, 0.3))
     x = torch.randn(2, 3, 64, 64)
     reference = ViTForImageClassification.from_pretrained(hf_dir).eval()
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference(pixel_values=x).logits)
-    assert len(model.blocks) == 4
+        assert torch.equal(predictor(model)(model, x), reference(pixel_values=x).logits)
+    assert len(tr.flops(model).blocks) == 4
 
 
 @needs_hf
 def test_hf_shortest_edge_and_centre_crop_map_to_timm_crop_pct(tmp_path):
     from transformers import ViTConfig
 
+    from tokenreduce.adapters.hf import preprocessing
+
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 256},
         "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "resample": 3,
         "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
-    cfg = _common.hf_data_config(tmp_path, ViTConfig())
-    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_mode"] == "center"
-    assert cfg["crop_pct"] == pytest.approx(224 / 256) and cfg["interpolation"] == "bicubic"
-    assert _common.hf_data_config(tmp_path / "none", ViTConfig(image_size=96))["input_size"] == (3, 96, 96)
+    prep = preprocessing(tmp_path, ViTConfig())
+    assert prep.input_size == (3, 224, 224) and prep.crop_mode == "center"
+    assert prep.crop_pct == pytest.approx(224 / 256) and prep.interpolation == "bicubic"
+    assert prep.mean == pytest.approx((0.1, 0.2, 0.3)) and prep.std == pytest.approx((0.4, 0.5, 0.6))
+    assert preprocessing(tmp_path / "none", ViTConfig(image_size=96)).input_size == (3, 96, 96)
 
 
 def _hf_method() -> list[str]:

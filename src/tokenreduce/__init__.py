@@ -28,6 +28,7 @@ from .core.errors import InputError, InputTypeError, MissingExtraError, TokenRed
 from .core.state import TokenState
 from .export import OnnxExport, export_onnx
 from .export_openvino import OpenVinoExport, export_openvino
+from .loading import Preprocessing, load
 from .methods.base import Method, Plan, register
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "TokenReduceError",
     "Method",
     "Plan",
+    "Preprocessing",
     "TokenState",
     "count_gmacs",
     "describe",
@@ -48,6 +50,7 @@ __all__ = [
     "export_onnx",
     "export_openvino",
     "flops",
+    "load",
     "method_of",
     "methods",
     "patch",

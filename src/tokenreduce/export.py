@@ -37,6 +37,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import call
 from .api import method_of
 from .core.errors import InputError, InputTypeError, require
 
@@ -193,7 +195,8 @@ def _check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
                 batch_size: int | None = None, opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
-                check: bool = True, atol: float = 1e-4, int8: str | None = None,
+                check: bool = True, atol: float = 1e-4,
+                predict: Callable[[nn.Module, torch.Tensor], Any] | None = None, int8: str | None = None,
                 calibration: torch.Tensor | None = None, min_cosine: float = 0.99) -> OnnxExport:
     """Export ``model`` (as patched now; an STViT build; or plain) to the ONNX file ``path`` and check it.
 
@@ -208,6 +211,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         check: run the written graph in ONNX Runtime (CPU) on ``images`` (and, with a dynamic batch, on the
             first image alone) and compare every output with PyTorch's; a difference above ``atol`` raises a
             ``RuntimeError`` and writes nothing.
+        predict: export ``predict(model, images)`` instead of ``model(images)``, e.g.
+            ``tokenreduce.adapters.predictor(model)``: one tensor (logits or embedding) of a Hugging Face model
+            instead of every field of its output.
         int8: None (float32), ``"dynamic"`` (int8 weights, activations quantized at run time) or ``"static"``
             (activations calibrated on ``calibration``): the matrix products of the checked float graph
             quantized by ONNX Runtime; the int8 graph is written only when its outputs' mean cosine against
@@ -249,11 +255,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # Example batch: the fixed size, or 2 for a dynamic axis (torch.export specialises a size-1 axis).
     example = torch.zeros(batch_size or 2, in_chans, *size, device=device)
+    net = model if predict is None or predict is call else _Predicting(model, predict)
 
-    with _eval_mode(model):
+    with _eval_mode(net):
         try:
             with torch.inference_mode():
-                reference = _flat(model(example))
+                reference = _flat(net(example))
         except (AssertionError, RuntimeError, ValueError) as err:  # timm asserts the input size
             raise InputError(f"the model does not run at img_size {size}: {err}") from err
         output_names = ("output",) if len(reference) == 1 else tuple(f"output_{i}" for i in range(len(reference)))
@@ -268,7 +275,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
-                    torch.onnx.export(model, (example,), str(staged), dynamo=True, opset_version=opset,
+                    torch.onnx.export(net, (example,), str(staged), dynamo=True, opset_version=opset,
                                       input_names=[INPUT_NAME], output_names=list(output_names),
                                       dynamic_shapes=dynamic, custom_translation_table=_translations(),
                                       external_data=big, verbose=False)
@@ -281,7 +288,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             if check:
                 batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
                     else (check_images.shape[0], 1)
-                diff = _compare(model, staged, check_images, batches, device)
+                diff = _compare(net, staged, check_images, batches, device)
                 if diff > atol:
                     raise RuntimeError(f"the exported graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) "
                                        f"on the check images; nothing written")
@@ -289,7 +296,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             if int8 is not None:
                 quantized = Path(folder) / path.name
                 quantize_onnx(staged, quantized, int8, calibration, big)
-                expected = _float_outputs(model, check_images, device)
+                expected = _float_outputs(net, check_images, device)
                 got = onnx_session(quantized).run(None, {INPUT_NAME: check_images.numpy()})
                 cosine, agreement = output_agreement(expected, got)
                 if cosine < min_cosine:
@@ -353,6 +360,18 @@ def output_agreement(expected: list[Any], got: list[Any]) -> tuple[float, float]
 def _float_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> list[Any]:
     with torch.inference_mode():
         return [t.float().cpu().numpy() for t in _flat(model(images.to(device)))]
+
+
+class _Predicting(nn.Module):
+    """What is exported when ``export_onnx`` is given a ``predict`` function: ``predict(model, images)``."""
+
+    def __init__(self, model: nn.Module, predict: Callable[[nn.Module, torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.predict = predict
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.predict(self.model, images)
 
 
 def _refuse_unexportable(model: nn.Module) -> None:

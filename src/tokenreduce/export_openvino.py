@@ -24,6 +24,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import call
 from .core.errors import InputError, InputTypeError, require
 from .export import (
     DEFAULT_OPSET,
@@ -40,6 +42,7 @@ from .export import (
     _float_outputs,
     _input_channels,
     _pair,
+    _Predicting,
     _refuse_unexportable,
     default_img_size,
     export_onnx,
@@ -86,7 +89,8 @@ def openvino_model(path: str | os.PathLike, threads: int | None = None, device: 
 def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | tuple[int, int] | None = None,
                     batch_size: int | None = None, source: str = "onnx", int8: str | None = None,
                     calibration: torch.Tensor | None = None, images: torch.Tensor | None = None,
-                    check: bool = True, atol: float = 1e-4, min_cosine: float = 0.99) -> OpenVinoExport:
+                    check: bool = True, atol: float = 1e-4, min_cosine: float = 0.99,
+                    predict: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> OpenVinoExport:
     """Export ``model`` (as patched now, or plain) to the OpenVINO IR ``path`` (``.xml``, weights in ``.bin``).
 
     Args:
@@ -102,6 +106,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
         images: the check batch; default random images.
         check: compile the IR on OpenVINO's CPU device and compare with PyTorch: float32 within ``atol``, int8
             with a mean output cosine of at least ``min_cosine``; otherwise a ``RuntimeError`` and nothing written.
+        predict: export ``predict(model, images)`` instead of ``model(images)`` (see :func:`tokenreduce.export_onnx`).
 
     Raises:
         MissingExtraError: openvino (or, from ONNX, onnx / onnxscript / onnxruntime) missing.
@@ -132,15 +137,16 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
     path.parent.mkdir(parents=True, exist_ok=True)
     import openvino as ov
 
+    net = model if predict is None or predict is call else _Predicting(model, predict)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tokenreduce-export-") as folder:
         if source == "onnx":
             onnx_path = Path(folder) / "model.onnx"
             export_onnx(model, onnx_path, img_size=size, batch_size=batch_size, opset=DEFAULT_OPSET,
-                        images=check_images, check=check, atol=atol, int8=int8, calibration=calibration,
-                        min_cosine=min_cosine)
+                        images=check_images, check=check, atol=atol, predict=predict, int8=int8,
+                        calibration=calibration, min_cosine=min_cosine)
             converted = ov.convert_model(str(onnx_path))
         else:
-            converted = _convert_torch(model, size, batch_size, in_chans)
+            converted = _convert_torch(net, size, batch_size, in_chans)
         staged = Path(folder) / path.name
         ov.save_model(converted, str(staged), compress_to_fp16=False)
         diff = cosine = agreement = None
@@ -150,9 +156,9 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
             compiled = openvino_model(staged)
             batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
                 else (check_images.shape[0], 1)
-            with _eval_mode(model):
+            with _eval_mode(net):
                 for count in batches:
-                    expected = _float_outputs(model, check_images[:count], device)
+                    expected = _float_outputs(net, check_images[:count], device)
                     result = compiled(check_images[:count].numpy())
                     got = [result[output] for output in compiled.outputs]
                     if int8 is None:

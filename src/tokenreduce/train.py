@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+from .adapters import num_classes as classes_of
+from .adapters import predictor
 from .core.errors import InputError, InputTypeError
 from .measure.checkpoint import load_checkpoint
 
@@ -125,7 +127,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Callable:
+def _data_transform(model: nn.Module, config: TrainConfig, training: bool,
+                    data_config: dict[str, Any] | None = None) -> Callable:
     if config.clips:
         return _clip_flip(config.hflip if training else 0.0)
     resize = re.fullmatch(r"resize(\d+)", config.transform)
@@ -141,7 +144,7 @@ def _data_transform(model: nn.Module, config: TrainConfig, training: bool) -> Ca
         return transforms.Compose(steps)
     if config.transform != "model":
         raise InputError(f"transform={config.transform!r} is not supported (choose 'model' or 'resize<N>')")
-    data_config = resolve_data_config({}, model=unwrap(_host_vit(model)))
+    data_config = data_config or resolve_data_config({}, model=unwrap(_host_vit(model)))
     if not training:
         return create_transform(**data_config, is_training=False)
     return create_transform(**data_config, is_training=True, auto_augment=config.randaug, hflip=config.hflip)
@@ -272,6 +275,7 @@ def evaluate(model: nn.Module, data: str, per_class: int | None = None, batch_si
     if per_class is not None:
         dataset = per_class_subset(dataset, per_class)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    predict = predictor(unwrap(model))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -280,7 +284,7 @@ def evaluate(model: nn.Module, data: str, per_class: int | None = None, batch_si
     start = time.perf_counter()
     for images, labels in tqdm(loader, desc="eval", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images.to(device))
+            logits = predict(model, images.to(device))
         pred = logits.argmax(dim=-1).cpu()
         predictions.append(pred)
         correct += int((pred == labels).sum())
@@ -329,14 +333,20 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     begin: float = 0.0
     stopped: bool = False
+    data_config: dict[str, Any] | None = None  # transform="model": the preprocessing (default timm's of the model)
+    predict: Any = None  # the family's logits of (model, images): tokenreduce.adapters.predictor
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Fine-tune ``model`` (an STViT model, a ``tr.patch``-ed or a plain timm model) as ``config`` says.
+def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
+          data_config: dict[str, Any] | None = None) -> dict:
+    """Fine-tune ``model`` (an STViT model, a ``tr.patch``-ed or a plain timm model, a Hugging Face classifier) as
+    ``config`` says. The logits are the family's (``tokenreduce.adapters.predictor``); ``transform="model"``
+    preprocesses as ``data_config`` says (a timm data config, e.g. ``tokenreduce.load(spec).preprocessing
+    .data_config()``), by default as timm's config of the model.
 
     Returns (and rank 0 writes to ``<out>/results.json``) the run's summary: losses per epoch, steps, images
     seen, wall time, validation top-1 when ``val_data`` is given. ``on_step(step, loss)`` is called on every
@@ -348,6 +358,7 @@ def train(model: nn.Module, config: TrainConfig, on_step: Callable[[int, float],
     :func:`_save_checkpoint`, and :func:`_finish` (summary, validation, results.json).
     """
     run = _set_up(model, config)
+    run.data_config, run.predict = data_config, predictor(unwrap(model))
     _set_up_data(run)
     _set_up_optimization(run)
     _resume_or_start(run)
@@ -387,7 +398,7 @@ def _set_up_data(run: _Run) -> None:
     config = run.config
     if config.clips and config.cutmix > 0:
         raise InputError("cutmix cuts boxes out of images (the last two dimensions); it is not defined for clips")
-    dataset = _image_folder(config.data, _data_transform(run.model, config, training=True), config.clips)
+    dataset = _image_folder(config.data, _data_transform(run.model, config, True, run.data_config), config.clips)
     if config.subset is not None and config.subset < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
         dataset = Subset(dataset, sorted(order[:config.subset].tolist()))
@@ -421,7 +432,7 @@ def _set_up_optimization(run: _Run) -> None:
                                       t_in_epochs=False)
 
     if config.mixup > 0 or config.cutmix > 0:
-        num_classes = unwrap(model).num_classes
+        num_classes = classes_of(unwrap(model))
         run.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                           label_smoothing=config.label_smoothing, num_classes=num_classes)
         run.criterion = SoftTargetCrossEntropy()
@@ -467,7 +478,7 @@ def _train_epoch(run: _Run, epoch: int, on_step: Callable[[int, float], None] | 
         if run.mixup is not None:
             images, labels = run.mixup(images, labels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = run.net(images)
+            logits = run.predict(run.net, images)
         loss = run.criterion(logits.float(), labels)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -532,8 +543,8 @@ def _finish(run: _Run) -> dict:
     if config.val_data and run.is_main and not run.stopped:
         final = run.ema.module if run.ema is not None else unwrap(run.model)
         result["val"] = evaluate(final, config.val_data, config.val_per_class, config.batch_size,
-                                 _data_transform(run.model, config, training=False), config.progress, config.bf16,
-                                 config.clips)
+                                 _data_transform(run.model, config, False, run.data_config), config.progress,
+                                 config.bf16, config.clips)
         result["val"].pop("predictions")
     if run.is_main:
         (run.out / "results.json").write_text(json.dumps(result, indent=2))

@@ -1,14 +1,16 @@
-"""What every adapter shares: the patched subclass of a model's class (and how it pickles), and the loop that
-carries a token state through a family's blocks with a method's plan, checkpointing and a per-block hook.
+"""What every adapter shares: the patched subclass of a model's class (and how it pickles), the loop that
+carries a token state through a family's blocks with a method's plan, checkpointing and a per-block hook, and
+what an adapter's ``load`` returns (:class:`Loaded`: the model and its :class:`Preprocessing`).
 
-An adapter supplies only what is its family's own: how to embed, one block step, and the entry points.
+An adapter supplies only what is its family's own: how to embed, one block step, the entry points, and how its
+models are loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -150,3 +152,70 @@ def block_plan(method: Any, family: str, depths: Sequence[int], tokens: Sequence
         amounts.append(used)
         tokens_out.append(out)
     return BlockPlan(tuple(amounts), tuple(tokens), tuple(tokens_out), tuple(notes))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model expects its images, in timm's data-config terms (``timm.data.resolve_data_config``).
+
+    ``input_size`` is (channels, height, width); ``interpolation`` the resize kind ("bicubic", "bilinear",
+    "nearest"); ``crop_pct`` and ``crop_mode`` timm's eval crop ("center": resize the short side to
+    ``size / crop_pct``, then crop ``size``; "squash": resize to ``size``; "border": fit and pad); ``mean`` and
+    ``std`` the normalisation; ``frames`` the clip length of a video model (None for images); ``source`` where
+    the settings come from.
+
+    >>> prep = Preprocessing((3, 64, 64), "bilinear", (0.5,) * 3, (0.25,) * 3, crop_pct=1.0, crop_mode="squash")
+    >>> prep.data_config(crop_pct=0.9)["crop_pct"], prep.img_size
+    (0.9, (64, 64))
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    frames: int | None = None
+    source: str = ""
+
+    @classmethod
+    def from_data_config(cls, config: dict[str, Any], source: str = "", frames: int | None = None) -> Preprocessing:
+        """From a timm data config (``resolve_data_config``'s dict, or a ``pretrained_cfg``)."""
+        return cls(tuple(config["input_size"]), config["interpolation"], tuple(config["mean"]), tuple(config["std"]),
+                   config["crop_pct"], config["crop_mode"], frames, source)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return tuple(self.input_size[1:])
+
+    def data_config(self, **overrides: Any) -> dict[str, Any]:
+        """timm's data config of these settings with ``overrides`` (``input_size``, ``interpolation``, ``crop_pct``,
+        ``crop_mode``, ``mean``, ``std``; None or empty values are ignored) applied, as
+        ``timm.data.resolve_data_config(overrides, pretrained_cfg=...)`` resolves it."""
+        from timm.data import resolve_data_config
+
+        base = {k: v for k, v in asdict(self).items() if k not in ("frames", "source")}
+        return resolve_data_config(overrides, pretrained_cfg=base)
+
+    def transform(self, is_training: bool = False, **overrides: Any) -> Callable[[Any], torch.Tensor]:
+        """timm's transform (PIL image -> normalised tensor) of :meth:`data_config` with ``overrides``."""
+        from timm.data import create_transform
+
+        return create_transform(**self.data_config(**overrides), is_training=is_training)
+
+
+def refuse_sizes(spec: str, kwargs: dict[str, Any]) -> None:
+    """``img_size`` / ``dynamic_img_size`` (timm's options) are an ``InputError`` for a ``load`` whose models are
+    built for one input size; removed from ``kwargs`` when None."""
+    for key in ("img_size", "dynamic_img_size"):
+        if kwargs.pop(key, None) is not None:
+            raise InputError(f"{spec}: other image sizes are not supported for this model ({key}; its position "
+                             f"embeddings are built for one size)")
+
+
+class Loaded(NamedTuple):
+    """What ``tokenreduce.load`` and every adapter's ``load`` return: the model (eval mode) and its preprocessing."""
+
+    model: nn.Module
+    preprocessing: Preprocessing

@@ -23,12 +23,20 @@ What a patched model returns (the model's own output dataclass, same fields and 
 - ``output_attentions=True`` and ``attention_mask`` are refused (``InputError``): the maps and masks would be over
   tokens that are merged or gone. ``bool_masked_pos`` and ``interpolate_pos_encoding`` are honoured (they act
   on the embedding, before any reduction); ``labels`` gives the model's own loss.
+
+Loading (``tokenreduce.load("hf:DIR")``, :func:`load`): a ``save_pretrained`` directory, offline, with the class its
+config names (``architectures``; ``AutoModel`` otherwise), preprocessed as its ``preprocessor_config.json`` says
+(:func:`preprocessing`). :func:`predict` reads one tensor from any transformers model's output (the commands'
+"images -> logits or embedding"), :func:`num_classes` its labels (0 for a model without a classifier).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +45,7 @@ from torch import nn
 
 from ..core.attention import attend
 from ..core.cost import ModelInfo, analytic_flops
-from ..core.errors import InputError, InputTypeError
+from ..core.errors import InputError, InputTypeError, require
 from ..core.ops import restore
 from ..core.state import TokenState
 from . import common
@@ -535,3 +543,134 @@ def patched_class(cls: type) -> type:
 
 
 __all__ = ["FAMILY", "dense_features", "forward_tokens", "model_info", "patched_class", "unsupported_reason"]
+
+
+# --- loading (``hf:DIR``), preprocessing, and one tensor out of any transformers model -------------------------
+
+#: Output fields that hold the one tensor the commands read, in order (else ``last_hidden_state[:, 0]``).
+PREDICTION_FIELDS = ("logits", "image_embeds", "pooler_output")
+#: Class-name endings of the models whose output is class logits.
+CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher", "ForVideoClassification")
+
+
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(pixel_values=images)`` as one tensor: the logits of a classifier, else the image embedding
+    (``image_embeds``, ``pooler_output``, or the first token of ``last_hidden_state``)."""
+    out = model(pixel_values=images)
+    for name in PREDICTION_FIELDS:
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    return out.last_hidden_state[:, 0]
+
+
+def num_classes(model: nn.Module) -> int:
+    """The labels of a classifier (``config.num_labels``); 0 for a model that returns an embedding."""
+    classifier = _original_class(model).__name__.endswith(CLASSIFIER_SUFFIXES)
+    return int(getattr(model.config, "num_labels", 0)) if classifier else 0
+
+
+_num_labels = num_classes  # for load, whose argument has the name
+
+
+_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}  # PIL codes;
+# PIL's LANCZOS (1), BOX (4) and HAMMING (5) have no timm transform: the nearest kind is used.
+
+
+def _size_dict(size: Any) -> Any:
+    """A processor's size setting (an int, a dict, or transformers' ``SizeDict``) as an int or a plain dict."""
+    if size is None or isinstance(size, int | dict):
+        return size
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    return {k: getattr(size, k) for k in keys if getattr(size, k, None) is not None}
+
+
+def _size_pair(size: Any) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def preprocessing(path: str | Path | None, config: Any) -> common.Preprocessing:
+    """The preprocessing of an HF model directory, from its image processor (``preprocessor_config.json``): mean,
+    std, resample -> interpolation, and ``size`` / ``crop_size``: ``{height, width}`` is a squash resize to that
+    size (``crop_mode='squash'``); ``{shortest_edge}`` with a centre crop is timm's centre crop with
+    ``crop_pct = crop / shortest_edge``. Without the file: the model's ``image_size``, bicubic, ImageNet mean and
+    std."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    image_size = _size_pair(getattr(config, "image_size", 224)) or (224, 224)
+    frames = getattr(config, "num_frames", None)
+    out: dict[str, Any] = {"input_size": (3, *image_size), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+                           "std": IMAGENET_DEFAULT_STD, "crop_pct": 1.0, "crop_mode": "squash"}
+    file = Path(path) / "preprocessor_config.json" if path else None
+    if file is None or not file.is_file():
+        return common.Preprocessing.from_data_config(out, "defaults (no preprocessor_config.json)", frames)
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(str(path))
+        settings = {k: getattr(proc, k, None) for k in ("image_mean", "image_std", "size", "crop_size", "resample",
+                                                          "do_center_crop", "do_normalize")}
+    except Exception:  # an image processor transformers cannot build here: read the JSON itself
+        settings = json.loads(file.read_text())
+    if settings.get("do_normalize", True) and settings.get("image_mean") is not None:
+        out["mean"], out["std"] = tuple(settings["image_mean"]), tuple(settings["image_std"])
+    resample = settings.get("resample")
+    if resample is not None:
+        out["interpolation"] = _RESAMPLE.get(int(resample), "bicubic")
+    size, crop = _size_dict(settings.get("size")), _size_dict(settings.get("crop_size"))
+    pair = _size_pair(size)
+    if pair is not None:
+        out["input_size"] = (3, *pair)
+    elif isinstance(size, dict) and "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        crop_pair = _size_pair(crop) if settings.get("do_center_crop", True) else None
+        out["input_size"] = (3, *(crop_pair or (edge, edge)))
+        out["crop_mode"], out["crop_pct"] = "center", (crop_pair[0] / edge if crop_pair else 1.0)
+    if settings.get("do_center_crop") and pair is not None and _size_pair(crop) is not None:
+        crop_pair = _size_pair(crop)
+        out["input_size"] = (3, *crop_pair)
+        out["crop_mode"], out["crop_pct"] = "center", crop_pair[0] / pair[0]
+    return common.Preprocessing.from_data_config(out, str(file), frames)
+
+
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` of the directory the model was loaded from (``name_or_path``; defaults without one)."""
+    path = getattr(model, "name_or_path", None)
+    return preprocessing(path if path and Path(path).is_dir() else None, model.config)
+
+
+def load(path: str, checkpoint: str | None = None, pretrained: bool = False, num_classes: int | None = None,
+         **kwargs: Any) -> common.Loaded:
+    """The model saved in the directory ``path`` (offline; the hub is never asked), with the class its config
+    names (``architectures``; ``AutoModel`` otherwise) and ``kwargs`` for ``from_pretrained`` (e.g.
+    ``attn_implementation="eager"``), the weights of ``checkpoint`` if given, and :func:`preprocessing`. Its
+    weights are the directory's (``pretrained`` changes nothing); ``num_classes``, if given, must be its number
+    of labels."""
+    spec = f"hf:{path}"
+    common.refuse_sizes(spec, kwargs)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not Path(path).is_dir():
+        raise InputError(f"{spec}: not a directory (give a local save_pretrained directory; the hub is not used)")
+    require("transformers", "hf")
+    import transformers
+
+    from ..core.checkpoint import load_checkpoint
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, names[0], None) if names else None
+        cls = cls or transformers.AutoModel
+        model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise InputError(f"{spec}: cannot load the model: {err}") from err
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    labels = _num_labels(model)
+    if num_classes is not None and num_classes != labels:
+        raise InputError(f"{spec} has {labels} labels (a classifier's head is the directory's), not {num_classes}")
+    return common.Loaded(model.eval(), preprocessing(path, config))

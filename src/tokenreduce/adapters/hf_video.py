@@ -24,6 +24,9 @@ over time); any other count is an ``InputError`` naming both counts.
 TimeSformer is refused: its divided space-time attention attends over time at each spatial position and over
 space within each frame, which needs the same spatial tokens in every frame. The methods here remove or merge
 tokens anywhere in the clip, so the frames would no longer align (see ``REFUSED``).
+
+Loading (``tokenreduce.load("hf:DIR")``), the one tensor a command reads (``predict``) and the class count are
+``adapters.hf``'s, which serve every transformers model (its ``preprocessing`` records ``config.num_frames``).
 """
 
 from __future__ import annotations

@@ -13,11 +13,16 @@ Refused (``InputTypeError``): attention pooling (``attentional_pool``: CoCa; its
 merged tokens without their sizes), scaled cosine attention, ``nn.MultiheadAttention`` with ``add_bias_kv`` /
 ``add_zero_attn`` / separate q, k, v projections, and timm or ResNet towers (a timm trunk,
 ``model.visual.trunk``, is patched by the timm adapter). Patch dropout in train mode raises an ``InputError``.
+
+Loading (``tokenreduce.load("open_clip:NAME")``, :func:`load`): the image tower of the model config ``NAME`` (or of
+an open_clip model-config JSON file), built without downloading, with its weights from a checkpoint, and
+open_clip's eval preprocessing (:func:`preprocessing`).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -255,3 +260,82 @@ class _TokenReduced(common.Reduced):
 def patched_class(cls: type) -> type:
     """The subclass a patched tower of class ``cls`` takes."""
     return common.patched_subclass(_TokenReduced, cls)
+
+
+# --- loading (``open_clip:NAME``) ---------------------------------------------------------------------------
+
+
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The tower's image embedding (the pooled output when it also returns tokens)."""
+    out = model(images)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def num_classes(model: nn.Module) -> int:
+    """An image tower has no classifier: 0."""
+    return 0
+
+
+def preprocessing(visual: nn.Module) -> common.Preprocessing:
+    """open_clip's eval preprocessing (``visual.preprocess_cfg``: size, mean, std, interpolation, resize mode) in
+    timm's terms: 'shortest' is a resize of the short side and a centre crop (``crop_pct=1``), 'squash' a resize
+    to the size, 'longest' (pad to square) is approximated by 'border'."""
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", visual.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    mode = cfg.get("resize_mode", "shortest")
+    return common.Preprocessing(
+        (3, *size), cfg.get("interpolation", "bicubic"), tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))), crop_pct=1.0,
+        crop_mode={"shortest": "center", "squash": "squash", "longest": "border"}.get(mode, "center"),
+        source="open_clip preprocess_cfg")
+
+
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` of the tower."""
+    return preprocessing(model)
+
+
+def load(name: str, checkpoint: str | None = None, pretrained: bool | str | None = False,
+         num_classes: int | None = None, **kwargs: Any) -> common.Loaded:
+    """The image tower (``model.visual``) of the open_clip model config ``name`` (or a path to a model-config
+    JSON, registered under its file name), built with ``kwargs`` for ``open_clip.create_model_and_transforms``,
+    random weights unless ``checkpoint`` (a whole CLIP state dict or the tower's own) or ``pretrained`` (an
+    open_clip tag such as ``"openai"``: the hub) gives them, and :func:`preprocessing`."""
+    import open_clip
+
+    from ..core.checkpoint import load_checkpoint, read_state_dict
+
+    spec = f"open_clip:{name}"
+    common.refuse_sizes(spec, kwargs)
+    if num_classes:
+        raise InputError(f"{spec}: an open_clip image tower has no classifier to train or evaluate (it returns an "
+                         f"embedding; num_classes={num_classes} asked)")
+    if pretrained is True:
+        raise InputError(f"{spec}: pretrained=True names no weights: give open_clip's tag (e.g. 'openai', from "
+                         f"the hub) or a checkpoint file")
+    if name.endswith(".json"):
+        if not Path(name).is_file():
+            raise InputError(f"{spec}: no such model config file")
+        open_clip.add_model_config(name)  # registered under the file's stem
+        name = Path(name).stem
+    if name not in open_clip.list_models():
+        raise InputError(f"unknown open_clip model config {name!r} (see open_clip.list_models(), or give a "
+                         f"model-config JSON path)")
+    try:
+        clip, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **kwargs)
+    except (TypeError, RuntimeError) as err:
+        raise InputError(f"{spec}: cannot build the model with {kwargs}: {err}") from err
+    visual = clip.visual
+    if checkpoint:
+        state = read_state_dict(checkpoint)
+        if any(k.startswith("visual.") for k in state):  # a whole CLIP state dict: keep the image tower's part
+            load_checkpoint(clip, checkpoint)
+        else:
+            load_checkpoint(visual, checkpoint)
+    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if resblocks is None:
+        raise InputError(f"{spec}: the image tower is a {type(visual).__name__}, not open_clip's VisionTransformer")
+    for blk in resblocks:  # what `tokenreduce flops --count` switches off (the counter cannot see SDPA)
+        blk.attn.fused_attn = True
+    return common.Loaded(visual.eval(), preprocessing(visual))

@@ -213,3 +213,40 @@ class _TokenReduced(common.Reduced):
 def patched_class(cls: type) -> type:
     """The subclass a patched model of class ``cls`` takes."""
     return common.patched_subclass(_TokenReduced, cls)
+
+
+# --- loading (``timm:NAME``, or a bare timm name): any timm model, Swin and PVTv2 included --------------------
+
+
+def preprocessing(model: nn.Module, source: str = "") -> common.Preprocessing:
+    """The timm model's preprocessing: its ``pretrained_cfg`` at the input size it was built for
+    (``patch_embed.img_size``, e.g. after ``img_size=64``)."""
+    from timm.data import resolve_data_config
+
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    config = resolve_data_config({"input_size": (3, *size)} if size is not None else {}, model=model)
+    return common.Preprocessing.from_data_config(config, source or "timm pretrained_cfg")
+
+
+def preprocessing_of(model: nn.Module) -> common.Preprocessing:
+    """:func:`preprocessing` (the same for timm's Swin and PVTv2: ``adapters.preprocessing_of`` asks the first
+    timm family)."""
+    return preprocessing(model)
+
+
+def load(name: str, checkpoint: str | None = None, pretrained: bool = False, **kwargs: Any) -> common.Loaded:
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)`` in eval mode, with the weights of
+    ``checkpoint`` (a state dict file; the hub weights are then not fetched), and its timm preprocessing."""
+    import timm
+
+    from ..core.checkpoint import load_checkpoint
+
+    if not timm.is_model(name):
+        raise InputError(f"unknown timm model {name!r} (see timm.list_models())")
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained) and not checkpoint, **kwargs)
+    except TypeError as err:
+        raise InputError(f"options {kwargs} not accepted by timm model {name!r}: {err}") from err
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return common.Loaded(model.eval(), preprocessing(model, f"timm pretrained_cfg of {name}"))

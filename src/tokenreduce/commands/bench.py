@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--rounds must be positive and --warmup non-negative, got {args.rounds}, {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _common.build_model(args, **({"dynamic_img_size": True} if img_sizes else {}))
-    sizes = img_sizes or [int(model.patch_embed.img_size[0])]
+    model, prep = _common.build_model(args, **({"dynamic_img_size": True} if img_sizes else {}))
+    sizes = img_sizes or [int(prep.img_size[0])]
     label = name or "unreduced (again)"
     # Build the reduced model before any timing: a bad option must fail fast, model untouched.
     reduced_model = _common.patch_model(copy.deepcopy(model), name, options)

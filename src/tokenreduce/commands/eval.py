@@ -46,24 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_json_argument(parser)
 
 
-def preprocessing(model, args: argparse.Namespace) -> tuple[dict, object]:
-    """The model's timm data config with the command-line overrides, and its eval transform."""
-    from timm.data import create_transform, resolve_data_config
-
+def preprocessing(prep, args: argparse.Namespace) -> tuple[dict, object]:
+    """The model's preprocessing (``tokenreduce.load``'s) with the command-line overrides as a timm data config,
+    and its eval transform."""
     overrides = {k: v for k, v in {"crop_pct": args.crop_pct, "interpolation": args.interpolation}.items()
                  if v is not None}
     if args.img_size is not None:
         overrides["input_size"] = (3, args.img_size, args.img_size)
-    elif getattr(getattr(model, "patch_embed", None), "img_size", None) is not None:
-        # The size the model was built for (e.g. img_size=64 overrides), not its pretrained config's.
-        overrides["input_size"] = (3, *model.patch_embed.img_size)
-    config = resolve_data_config(overrides, model=model)
-    return config, create_transform(**config, is_training=False)
+    return prep.data_config(**overrides), prep.transform(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     import tokenreduce as tr
 
+    from ..adapters import num_classes as classes_of
     from ..measure.data import ImageListDataset, image_list
     from ..measure.evaluate import close_distributed, evaluate_pair, init_distributed
     from ..measure.speed import compile_model
@@ -79,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     files, labels, classes = image_list(args.data, args.labels)
     if not files:
         raise InputError(f"no images found in {args.data!r}")
-    extra = {"img_size": args.img_size} if args.img_size is not None and args.model != _common.DEMO_MODEL else {}
-    unreduced = _common.build_model(args, **extra)
+    extra = {"img_size": args.img_size} if args.img_size is not None else {}
+    unreduced, prep = _common.build_model(args, **extra)
     reduced = _common.patch_model(copy.deepcopy(unreduced), name, options)
-    config, transform = preprocessing(unreduced, args)
-    num_classes = getattr(unreduced, "num_classes", 0)
+    config, transform = preprocessing(prep, args)
+    num_classes = classes_of(unreduced)
     if not num_classes:
         raise InputError(f"model {args.model!r} has no classifier head (num_classes=0): eval compares class "
                          f"predictions; use a model with a head or --checkpoint with one")

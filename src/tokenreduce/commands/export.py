@@ -58,20 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common.add_json_argument(parser)
 
 
-def check_batch(model, data_dir: str, count: int, img_size: tuple[int, int]):
-    """The first ``count`` images of ``data_dir`` (sorted), preprocessed with the model's timm data config at
-    ``img_size``, as one ``count x 3 x H x W`` tensor."""
+def check_batch(prep, data_dir: str, count: int, img_size: tuple[int, int]):
+    """The first ``count`` images of ``data_dir`` (sorted), preprocessed as ``prep`` (the model's
+    ``tokenreduce.load`` preprocessing) says at ``img_size``, as one ``count x 3 x H x W`` tensor."""
     import torch
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
 
     from ..measure.data import image_list
 
     files = image_list(data_dir)[0][:count]
     if not files:
         raise InputError(f"--images {data_dir!r} holds no images")
-    config = resolve_data_config({"input_size": (3, *img_size)}, model=model)
-    transform = create_transform(**config, is_training=False)
+    transform = prep.transform(input_size=(3, *img_size))
     batch = []
     for file in files:
         try:
@@ -87,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tokenreduce as tr
 
+    from ..adapters import predictor
     from ..api import unwrap
     from ..core.errors import require
     from ..export import DEFAULT_OPSET, EXTRA, default_img_size
@@ -108,16 +107,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("an int8 export is always checked against the float model; drop --no-check")
     if args.source is not None and args.format != "openvino":
         raise InputError("--source goes with --format openvino")
-    timm_model = args.model != _common.DEMO_MODEL and not args.model.startswith((_common.HF_PREFIX,
-                                                                                  _common.OPEN_CLIP_PREFIX))
-    overrides = {"img_size": args.img_size} if args.img_size and timm_model else {}
-    model = _common.patch_model(_common.build_model(args, **overrides), name, options)
+    loaded, prep = _common.build_model(args, **({"img_size": args.img_size} if args.img_size else {}))
+    predict = predictor(loaded)
+    model = _common.patch_model(loaded, name, options)
     size = (args.img_size, args.img_size) if args.img_size else default_img_size(unwrap(model))
     images = None
     if not args.no_check:
         count = args.batch_size or args.check_count
         if args.images:
-            images = check_batch(unwrap(model), args.images, count, size)
+            images = check_batch(prep, args.images, count, size)
             if images.shape[0] != count:
                 raise InputError(f"--images {args.images!r} holds {images.shape[0]} images; the fixed --batch-size "
                                  f"{count} needs as many")
@@ -125,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
             images = torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(0))
     calibration = None
     if args.calibration:
-        calibration = check_batch(unwrap(model), args.calibration, args.calibration_count, size)
+        calibration = check_batch(prep, args.calibration, args.calibration_count, size)
     common = dict(img_size=size, batch_size=args.batch_size, images=images, check=not args.no_check,
-                  atol=args.atol, int8=args.int8, calibration=calibration, min_cosine=args.min_cosine)
+                  atol=args.atol, predict=predict, int8=args.int8, calibration=calibration,
+                  min_cosine=args.min_cosine)
     if args.format == "openvino":
         result = tr.export_openvino(model, args.out, source=args.source or "onnx", **common)
         kind, runtime, tail = "OpenVINO IR", "OpenVINO", ""

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     name, options = _common.method_options(args)
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
-    model = _common.build_model(args)
+    model = _common.build_model(args).model
     base = tr.flops(model, args.img_size)
     model = _common.patch_model(model, name, options)
     report = tr.flops(model, args.img_size)

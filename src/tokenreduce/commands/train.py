@@ -23,7 +23,9 @@ HELP = "fine-tune a model (plain, patched with a method, or STViT) on an ImageFo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="timm model name (created with pretrained=False)")
+    model.add_argument("--model", required=True,
+                       help="a tokenreduce.load spec: a timm model name (created with pretrained=False), hf:DIR (an "
+                            "image classifier), or video:swin3d_t (_s, _b; with --clips)")
     model.add_argument("--checkpoint", help="initial weights, .safetensors or .pth: the timm model's state dict, "
                                             "or a state dict of the built model (e.g. an STViT checkpoint)")
     model.add_argument("--img-size", type=int, default=None, help="image size passed to timm.create_model")
@@ -93,48 +95,6 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _hf_classifier(args: argparse.Namespace):
-    """An ``hf:PATH`` image classifier (``_common.load_family_model``), patched with ``--method`` if given."""
-    import tokenreduce as tr
-
-    from ._common import load_family_model
-
-    model = load_family_model(args.model, args.checkpoint, **parse_pairs(args.model_kwargs, "--model-kwargs"))
-    if not model.num_classes:
-        raise InputError(f"--model {args.model!r} is not an image classifier (no labels to train)")
-    classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
-    wanted = args.num_classes or classes
-    if wanted and wanted != model.num_classes:
-        raise InputError(f"--model {args.model!r} has {model.num_classes} labels but the data has {wanted} classes")
-    if args.method:
-        tr.patch(model, args.method, **dict(_option(o) for o in args.option))
-    return model
-
-
-VIDEO_MODELS = ("swin3d_t", "swin3d_s", "swin3d_b")
-
-
-def _video_model(args: argparse.Namespace):
-    """A torchvision Video Swin (random weights, or ``--checkpoint``: its state dict), as STViT with ``--stvit``."""
-    from torchvision.models import video
-
-    from tokenreduce import stvit
-    from tokenreduce.measure.checkpoint import load_checkpoint
-
-    if not args.clips:
-        raise InputError(f"--model {args.model!r} is a video model: train it on clips (--clips)")
-    if args.method or args.freeze_blocks:
-        raise InputError(f"--model {args.model!r}: --method and --freeze-blocks are for image models")
-    classes = args.num_classes or sum(1 for p in Path(args.data).iterdir() if p.is_dir())
-    model = getattr(video, args.model)(num_classes=classes, **parse_pairs(args.model_kwargs, "--model-kwargs"))
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    if args.stvit:
-        model = stvit.build(model, tokens_per_window=args.tokens_per_window, full_blocks=args.full_blocks,
-                            pooling=args.pooling, global_centres=not args.no_global_centres)
-    return model
-
-
 def _gmacs(model) -> float:
     """GMACs per input for the start-up line: the analytic count (a plain Video Swin at 32 frames x 224 px)."""
     import tokenreduce as tr
@@ -143,62 +103,61 @@ def _gmacs(model) -> float:
     return video_swin_flops(model).total_gmacs if is_video_swin(model) else tr.flops(model).total_gmacs
 
 
-def build_model(args: argparse.Namespace):
-    """The model ``args`` describe, with the initial weights loaded."""
-    import timm
-
+def load_model(args: argparse.Namespace):
+    """The model ``args`` describe, with the initial weights loaded, and its preprocessing (``tokenreduce.load``
+    of ``--model``): plain, patched with ``--method``, or built as STViT with ``--stvit``."""
     import tokenreduce as tr
     from tokenreduce import stvit
+    from tokenreduce.adapters import num_classes as classes_of
     from tokenreduce.measure.checkpoint import load_checkpoint, read_state_dict
 
     if args.stvit and args.method:
         raise InputError("--stvit and --method exclude each other")
-    if args.model in VIDEO_MODELS:
-        return _video_model(args)
-    if args.clips:
-        raise InputError(f"--clips trains a video model (--model one of {', '.join(VIDEO_MODELS)}), not "
-                         f"{args.model!r}")
-    if args.model.startswith("open_clip:"):
-        raise InputError(f"--model {args.model!r}: an open_clip image tower has no classifier to train; train "
-                         "takes timm models (and STViT built from them) and hf: image classifiers")
-    if args.model.startswith("hf:"):
-        # A Hugging Face classifier (its own head and labels), optionally patched; the trainer reads its logits.
-        if args.stvit:
-            raise InputError(f"--model {args.model!r}: --stvit builds on timm models only")
-        if args.freeze_blocks:
-            raise InputError(f"--model {args.model!r}: --freeze-blocks reads a timm model's layout; not for hf:")
-        return _hf_classifier(args)
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = sum(1 for p in Path(args.data).iterdir() if p.is_dir()) if Path(args.data).is_dir() else None
-    kwargs = {"pretrained": False, **dict(_option(o) for o in args.model_arg),
-              **parse_pairs(args.model_kwargs, "--model-kwargs")}
+    kwargs = {**dict(_option(o) for o in args.model_arg), **parse_pairs(args.model_kwargs, "--model-kwargs")}
+    pretrained = bool(kwargs.pop("pretrained", False))
     if num_classes:
         kwargs["num_classes"] = num_classes
     if args.img_size:
         kwargs["img_size"] = args.img_size
     if args.drop_path is not None:
         kwargs["drop_path_rate"] = args.drop_path
+    # weights of the host model are loaded with it; weights of a built STViT model after building
+    built_weights = bool(args.stvit and args.checkpoint
+                         and any(k.startswith(("generation.", "vit.")) for k in read_state_dict(args.checkpoint)))
     try:
-        model = timm.create_model(args.model, **kwargs)
+        model, prep = tr.load(args.model, checkpoint=None if built_weights else args.checkpoint,
+                              pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         raise InputError(f"--model {args.model!r}: {err}") from err
-    # weights of the host model are loaded before building; weights of a built STViT model after
-    built_weights = False
-    if args.checkpoint:
-        state_keys = set(read_state_dict(args.checkpoint))
-        built_weights = args.stvit and any(k.startswith(("generation.", "vit.")) for k in state_keys)
-        if not built_weights:
-            load_checkpoint(model, args.checkpoint)
+    video = prep.frames is not None
+    if video and not args.clips:
+        raise InputError(f"--model {args.model!r} is a video model: train it on clips (--clips)")
+    if args.clips and not video:
+        raise InputError(f"--clips trains a video model (e.g. --model video:swin3d_t), not {args.model!r}")
+    if not classes_of(model):
+        raise InputError(f"--model {args.model!r} has no classifier to train (its output is an embedding)")
+    if args.freeze_blocks and not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):
+        raise InputError(f"--model {args.model!r}: --freeze-blocks reads a timm model's layout (.blocks, "
+                         f".patch_embed); this {type(model).__name__} has none")
     if args.stvit:
-        model = stvit.build(model, num_semantic=args.num_semantic, full_blocks=args.full_blocks,
-                            pooling=args.pooling, global_centres=not args.no_global_centres,
-                            generation_layers=args.generation_layers)
+        options = ({"tokens_per_window": args.tokens_per_window} if video else
+                   {"num_semantic": args.num_semantic, "generation_layers": args.generation_layers})
+        model = stvit.build(model, full_blocks=args.full_blocks, pooling=args.pooling,
+                            global_centres=not args.no_global_centres, **options)
         if built_weights:
             load_checkpoint(model, args.checkpoint)
     elif args.method:
         tr.patch(model, args.method, **dict(_option(o) for o in args.option))
-    return model
+    return model, prep
+
+
+def build_model(args: argparse.Namespace):
+    """The model ``args`` describe, with the initial weights loaded (:func:`load_model` without the
+    preprocessing)."""
+    return load_model(args)[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = build_model(args)
+    model, prep = load_model(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lr = args.lr if args.lr is not None else lr_for_batch(5e-4, args.batch_size * world)
     config = TrainConfig(
@@ -228,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}{' (STViT)' if args.stvit else ''}: {_gmacs(model):.4g} GMACs/"
               f"{'clip' if args.clips else 'image'}, "
               f"lr {lr:.3g}, {args.epochs} epochs", flush=True)
-    result = train(model, config)
+    result = train(model, config, data_config=prep.data_config())
     if int(os.environ.get("RANK", "0")) == 0:
         val = result.get("val")
         print(f"done: {result['steps']} steps, {result['images_seen']} images, {result['wall_seconds']:.0f} s"

@@ -29,16 +29,14 @@ def default_blocks(depth: int) -> list[int]:
     return sorted({max(0, depth // 4), depth // 2, (3 * depth) // 4, depth - 1})
 
 
-def load_image(model, path: str, crop_pct: float | None = None):
-    """(normalised 1 x 3 x H x W tensor, the same crop as H x W x 3 floats in [0, 1]) from the model's config."""
+def load_image(prep, path: str, crop_pct: float | None = None):
+    """(normalised 1 x 3 x H x W tensor, the same crop as H x W x 3 floats in [0, 1]) preprocessed as ``prep`` (the
+    model's ``tokenreduce.load`` preprocessing) says."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
 
     overrides = {"crop_pct": crop_pct} if crop_pct is not None else {}
-    if getattr(getattr(model, "patch_embed", None), "img_size", None) is not None:
-        overrides["input_size"] = (3, *model.patch_embed.img_size)
-    config = resolve_data_config(overrides, model=model)
+    config = prep.data_config(**overrides)
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
@@ -46,17 +44,17 @@ def load_image(model, path: str, crop_pct: float | None = None):
         raise
     except (OSError, UnidentifiedImageError) as err:
         raise InputError(f"cannot read image {path!r}: {err}") from err
-    tensor = create_transform(**config, is_training=False)(rgb).unsqueeze(0)
+    tensor = prep.transform(**overrides)(rgb).unsqueeze(0)
     mean = np.array(config["mean"]).reshape(3, 1, 1)
     std = np.array(config["std"]).reshape(3, 1, 1)
     picture = (tensor[0].numpy() * std + mean).transpose(1, 2, 0).clip(0, 1)
     return tensor, picture
 
 
-def draw(model, name: str | None, options: dict, image_path: str, out: str, blocks: list[int] | None,
+def draw(model, prep, name: str | None, options: dict, image_path: str, out: str, blocks: list[int] | None,
          crop_pct: float | None = None, title: str | None = None, device="cpu", dtype=None) -> dict:
-    """Trace ``model`` (patched as ``name``/``options``) on one image on ``device`` (autocast to ``dtype``
-    below float32) and write the picture; returns counts."""
+    """Trace ``model`` (patched as ``name``/``options``) on one image preprocessed as ``prep`` says, on ``device``
+    (autocast to ``dtype`` below float32), and write the picture; returns counts."""
     import torch
 
     import tokenreduce as tr
@@ -64,12 +62,12 @@ def draw(model, name: str | None, options: dict, image_path: str, out: str, bloc
     from ..measure.speed import autocast
     from ..measure.viz import draw_token_panels
 
-    depth = len(model.blocks)
+    depth = len(tr.flops(model).blocks)
     blocks = default_blocks(depth) if blocks is None else blocks
     for block in blocks:
         if not 0 <= block < depth:
             raise InputError(f"--blocks: block {block} is outside the model's blocks 0..{depth - 1}")
-    images, picture = load_image(model, image_path, crop_pct)
+    images, picture = load_image(prep, image_path, crop_pct)
     _common.patch_model(model, name, options)
     model.to(device)
     with torch.inference_mode(), autocast(device, dtype or torch.float32):
@@ -90,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
                          "so there is no per-patch picture to draw")
     blocks = _common.parse_ints(args.blocks, "--blocks")
     device, dtype = _common.resolve_device(args.device), _common.resolve_dtype(args.dtype)
-    model = _common.build_model(args)
-    result = draw(model, name, options, args.image, args.out, blocks, args.crop_pct, device=device, dtype=dtype)
+    model, prep = _common.build_model(args)
+    result = draw(model, prep, name, options, args.image, args.out, blocks, args.crop_pct, device=device,
+                  dtype=dtype)
     for block, counts in result["counts"].items():
         print(f"block {block}: {counts['tokens']} tokens = {counts['kept']} kept + {counts['groups']} groups "
               f"({counts['grouped_patches']} patches), {counts['pruned']} patches pruned")

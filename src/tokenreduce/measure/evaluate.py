@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..adapters import predictor
+from ..api import unwrap
 from .data import ImageListDataset, collate_skip_broken, shard_indices
 
 #: The order of the summed counters (one float64 tensor, all-reduced in one call).
@@ -134,9 +137,12 @@ def evaluate_pair(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     desc: str = "eval",
+    predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Evaluate both models on (this rank's share of) ``dataset`` on ``context.device`` (the models must be
-    there), autocast to ``dtype`` below float32; counts summed over ranks.
+    there), autocast to ``dtype`` below float32; counts summed over ranks. The logits are
+    ``predict(model, images)``, by default the model family's (``tokenreduce.adapters.predictor``: a Hugging Face
+    classifier's ``.logits``, a timm model's output).
 
     Returns ``summarize``'s fields plus ``broken_files`` (names of unreadable images, all ranks),
     ``seconds`` (this rank's whole pass) and ``first_batch_s`` (its first batch: a compiled model compiles).
@@ -144,6 +150,7 @@ def evaluate_pair(
     from .speed import autocast, synchronize
 
     context = context or DistContext()
+    predict = predict or predictor(unwrap(unreduced))
     device = context.device
     count = len(dataset) if limit is None else min(limit, len(dataset))
     subset = Subset(dataset, shard_indices(count, context.rank, context.world_size))
@@ -161,7 +168,7 @@ def evaluate_pair(
             continue
         images = batch["images"].to(device)
         with autocast(device, dtype):
-            logits = reduced(images).float().cpu(), unreduced(images).float().cpu()
+            logits = predict(reduced, images).float().cpu(), predict(unreduced, images).float().cpu()
         counts += batch_counts(*logits, batch["labels"])
         if first_batch_s is None:
             synchronize(device)
