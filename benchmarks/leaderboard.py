@@ -389,7 +389,7 @@ def method_snippet(method: str, rows: list[Row]) -> str:
     cost = cost_table(method, "/")
     if cost:
         parts += ["\nAnalytic cost against the published one (`benchmarks/flops_table.py` -> "
-                  f"[flops.json](/benchmarks/results/flops.json)):\n", cost]
+                  "[flops.json](/benchmarks/results/flops.json)):\n", cost]
     return "\n".join(parts) + "\n"
 
 

@@ -31,7 +31,7 @@ NUMBER = re.compile(r"[+-]?\d*\.?\d+(?:e[+-]?\d+)?", re.I)
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002  (the base class's name)
+    def log_message(self, format, *args):
         pass
 
 
