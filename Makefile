@@ -41,7 +41,7 @@ $(VENV)/.installed-docs: $(VENV)/.installed pyproject.toml constraints.txt
 	touch $@
 
 docs: $(VENV)/.installed-docs
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The built site in a headless Chromium (docs/check.py, Playwright from the docs-check extra): console errors,
 # images, internal links and anchors, the leaderboard's sorting. The browser is the system's (Debian: `apt-get
