@@ -1,8 +1,10 @@
 """A griffe extension of the documentation site (mkdocs.yml, mkdocstrings): the docstrings' doctest examples
 (``>>>`` lines and their output, which ``tests/test_doctests.py`` runs) are shown as ``pycon`` code blocks instead of
-being read as Markdown prose."""
+being read as Markdown prose, and Sphinx roles (``:func:`x```) as code."""
 
 from __future__ import annotations
+
+import re
 
 import griffe
 
@@ -26,7 +28,15 @@ def fence_doctests(text: str) -> str:
     return "\n".join(out)
 
 
+#: Sphinx roles (``:func:`unwrap```, ``:class:`~x.Y```), which Markdown does not know: shown as code.
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
+
+
+def plain_roles(text: str) -> str:
+    return SPHINX_ROLE.sub(r"`\1`", text)
+
+
 class DoctestBlocks(griffe.Extension):
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
-        if obj.docstring is not None and ">>>" in obj.docstring.value:
-            obj.docstring.value = fence_doctests(obj.docstring.value)
+        if obj.docstring is not None:
+            obj.docstring.value = plain_roles(fence_doctests(obj.docstring.value))

@@ -52,8 +52,7 @@ def cli_reference() -> str:
     try:
         parts = []
         for name, parser in _parsers():
-            level = "##" if name == "tokenreduce" else "###"
-            parts.append(f"{level} `{name}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+            parts.append(f"### `{name}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
         return "\n".join(parts)
     finally:
         if old is None:

@@ -104,3 +104,5 @@ def test_doctest_blocks_become_code():
     fence = _module(DOCS / "griffe_doctest.py").fence_doctests
     text = "Text.\n\n    >>> x = [1, 2][-1]\n    >>> x\n    2\n\nMore."
     assert fence(text) == "Text.\n\n    ```pycon\n    >>> x = [1, 2][-1]\n    >>> x\n    2\n    ```\n\nMore."
+    roles = _module(DOCS / "griffe_doctest.py").plain_roles
+    assert roles("see :func:`unwrap` and :class:`~tokenreduce.Method`") == "see `unwrap` and `tokenreduce.Method`"
