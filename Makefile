@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-deep test-lowest lint bench mutate
+.PHONY: setup demo test test-deep test-lowest lint bench mutate docs docs-check leaderboard
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,31 @@ test-lowest:
 	.ci/lowest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
+
+# The documentation site (mkdocs.yml, docs/) into site/ (git-ignored). --strict: a broken link or anchor, a page
+# missing from the navigation, an API reference that does not resolve, fails the build. The docs extra comes from
+# constraints.txt too; the CLI reference imports the package (docs/hooks.py), so the main setup comes first.
+$(VENV)/.installed-docs: $(VENV)/.installed pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The built site in a headless Chromium (docs/check.py, Playwright from the docs-check extra): console errors,
+# images, internal links and anchors, the leaderboard's sorting. The browser is the system's (Debian: `apt-get
+# install chromium`); Playwright downloads none.
+$(VENV)/.installed-docs-check: $(VENV)/.installed-docs
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[docs,docs-check]"
+	touch $@
+
+docs-check: docs $(VENV)/.installed-docs-check
+	$(PY) docs/check.py
+
+# The leaderboard page, the method pages' tables and the README's headline table, from benchmarks/results/.
+leaderboard: setup
+	$(PY) benchmarks/leaderboard.py
 
 bench: setup
 	$(PY) benchmarks/speed.py
