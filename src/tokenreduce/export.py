@@ -113,14 +113,14 @@ def default_img_size(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         size = getattr(getattr(module, "patch_embed", None), "img_size", None)
         if size is not None:
-            return _pair(size, "the model's patch_embed.img_size")
+            return size_pair(size, "the model's patch_embed.img_size")
     for size in (getattr(getattr(model, "config", None), "image_size", None), getattr(model, "image_size", None)):
         if size is not None:
-            return _pair(size, "the model's image size")
+            return size_pair(size, "the model's image size")
     raise InputError(f"cannot tell the image size of a {type(model).__name__}; pass img_size=")
 
 
-def _pair(size: Any, what: str = "img_size") -> tuple[int, int]:
+def size_pair(size: Any, what: str = "img_size") -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, list | tuple) else ()
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
         raise InputError(f"{what} must be a positive int or (height, width), got {size!r}")
@@ -139,7 +139,7 @@ def _flat(output: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
     """Eval mode for the export (dropout off, as deployed), every module's own flag restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -179,7 +179,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, optimizati
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_size: int | None,
+def prepare_check_images(images: torch.Tensor | None, img_size: tuple[int, int], batch_size: int | None,
                   in_chans: int) -> torch.Tensor:
     if images is None:
         generator = torch.Generator().manual_seed(0)
@@ -240,24 +240,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         model = model._orig_mod
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
-    size = default_img_size(model) if img_size is None else _pair(img_size)
+    size = default_img_size(model) if img_size is None else size_pair(img_size)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be None (dynamic) or a positive integer, got {batch_size!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
         raise InputError(f"opset must be an integer >= 17, got {opset!r}")
-    _refuse_unexportable(model)
-    in_chans = _input_channels(model)
-    check_images = _check_images(images, size, batch_size, in_chans)
+    refuse_unexportable(model)
+    in_chans = input_channels(model)
+    check_images = prepare_check_images(images, size, batch_size, in_chans)
     if int8 == "static":
-        calibration = check_images if calibration is None else _check_images(calibration, size, batch_size, in_chans)
+        calibration = check_images if calibration is None \
+            else prepare_check_images(calibration, size, batch_size, in_chans)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # Example batch: the fixed size, or 2 for a dynamic axis (torch.export specialises a size-1 axis).
     example = torch.zeros(batch_size or 2, in_chans, *size, device=device)
-    net = model if predict is None or predict is call else _Predicting(model, predict)
+    net = model if predict is None or predict is call else Predicting(model, predict)
 
-    with _eval_mode(net):
+    with eval_mode(net):
         try:
             with torch.inference_mode():
                 reference = _flat(net(example))
@@ -296,7 +297,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             if int8 is not None:
                 quantized = Path(folder) / path.name
                 quantize_onnx(staged, quantized, int8, calibration, big)
-                expected = _float_outputs(net, check_images, device)
+                expected = float_outputs(net, check_images, device)
                 got = onnx_session(quantized).run(None, {INPUT_NAME: check_images.numpy()})
                 cosine, agreement = output_agreement(expected, got)
                 if cosine < min_cosine:
@@ -357,12 +358,12 @@ def output_agreement(expected: list[Any], got: list[Any]) -> tuple[float, float]
     return float(np.concatenate(cosines).mean()), agreement
 
 
-def _float_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> list[Any]:
+def float_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> list[Any]:
     with torch.inference_mode():
         return [t.float().cpu().numpy() for t in _flat(model(images.to(device)))]
 
 
-class _Predicting(nn.Module):
+class Predicting(nn.Module):
     """What is exported when ``export_onnx`` is given a ``predict`` function: ``predict(model, images)``."""
 
     def __init__(self, model: nn.Module, predict: Callable[[nn.Module, torch.Tensor], Any]) -> None:
@@ -374,14 +375,14 @@ class _Predicting(nn.Module):
         return self.predict(self.model, images)
 
 
-def _refuse_unexportable(model: nn.Module) -> None:
+def refuse_unexportable(model: nn.Module) -> None:
     method = method_of(model)
     if method is not None and method.name == "gtp" and method.options.get("selection") == "random":
         raise InputError("gtp with selection='random' cannot be exported: its scores come from a torch.Generator, "
                          "which an ONNX graph cannot reproduce; export another selection")
 
 
-def _input_channels(model: nn.Module) -> int:
+def input_channels(model: nn.Module) -> int:
     for module in model.modules():
         proj = getattr(getattr(module, "patch_embed", None), "proj", None)
         if isinstance(proj, nn.Conv2d):
@@ -395,7 +396,7 @@ def _compare(model: nn.Module, path: Path, images: torch.Tensor, batches: tuple[
     worst = 0.0
     for count in batches:
         batch = images[:count]
-        expected = _float_outputs(model, batch, device)
+        expected = float_outputs(model, batch, device)
         got = session.run(None, {INPUT_NAME: batch.numpy()})
         for e, g in zip(expected, got, strict=True):
             if e.shape != g.shape:

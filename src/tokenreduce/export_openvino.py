@@ -37,16 +37,16 @@ from .core.errors import InputError, InputTypeError, require
 from .export import (
     DEFAULT_OPSET,
     INT8_MODES,
-    _check_images,
-    _eval_mode,
-    _float_outputs,
-    _input_channels,
-    _pair,
-    _Predicting,
-    _refuse_unexportable,
+    Predicting,
     default_img_size,
+    eval_mode,
     export_onnx,
+    float_outputs,
+    input_channels,
     output_agreement,
+    prepare_check_images,
+    refuse_unexportable,
+    size_pair,
 )
 
 __all__ = ["SOURCES", "OpenVinoExport", "export_openvino", "openvino_model"]
@@ -127,17 +127,17 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
         raise InputTypeError(f"export_openvino needs a torch.nn.Module, got {type(model).__name__}")
     if Path(path).suffix != ".xml":
         raise InputError(f"an OpenVINO IR is written as a .xml file (weights in the .bin beside it), got {path!r}")
-    size = default_img_size(model) if img_size is None else _pair(img_size)
+    size = default_img_size(model) if img_size is None else size_pair(img_size)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be None (dynamic) or a positive integer, got {batch_size!r}")
-    _refuse_unexportable(model)
-    in_chans = _input_channels(model)
-    check_images = _check_images(images, size, batch_size, in_chans)
+    refuse_unexportable(model)
+    in_chans = input_channels(model)
+    check_images = prepare_check_images(images, size, batch_size, in_chans)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     import openvino as ov
 
-    net = model if predict is None or predict is call else _Predicting(model, predict)
+    net = model if predict is None or predict is call else Predicting(model, predict)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tokenreduce-export-") as folder:
         if source == "onnx":
             onnx_path = Path(folder) / "model.onnx"
@@ -156,9 +156,9 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
             compiled = openvino_model(staged)
             batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
                 else (check_images.shape[0], 1)
-            with _eval_mode(net):
+            with eval_mode(net):
                 for count in batches:
-                    expected = _float_outputs(net, check_images[:count], device)
+                    expected = float_outputs(net, check_images[:count], device)
                     result = compiled(check_images[:count].numpy())
                     got = [result[output] for output in compiled.outputs]
                     if int8 is None:
@@ -187,6 +187,6 @@ def _convert_torch(model: nn.Module, size: tuple[int, int], batch_size: int | No
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros(batch_size or 2, in_chans, *size, device=device)
     shape = ov.PartialShape([batch_size or -1, in_chans, *size])
-    with _eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # TorchScript's tracer warnings (Python ints from tensors: fixed schedule)
         return ov.convert_model(model, example_input=example, input=[shape])

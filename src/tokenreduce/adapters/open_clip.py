@@ -39,7 +39,7 @@ from torch import nn
 
 from ..core.attention import attend
 from ..core.cost import ModelInfo
-from ..core.errors import InputError
+from ..core.errors import InputError, require
 from ..core.ops import restore
 from ..core.state import TokenState
 from . import common
@@ -302,6 +302,7 @@ def load(name: str, checkpoint: str | None = None, pretrained: bool | str | None
     JSON, registered under its file name), built with ``kwargs`` for ``open_clip.create_model_and_transforms``,
     random weights unless ``checkpoint`` (a whole CLIP state dict or the tower's own) or ``pretrained`` (an
     open_clip tag such as ``"openai"``: the hub) gives them, and :func:`preprocessing`."""
+    require("open_clip", "open_clip")
     import open_clip
 
     from ..core.checkpoint import load_checkpoint, read_state_dict
