@@ -267,9 +267,15 @@ def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
     """Keep the image tokens ``keep_index`` (``B x K``, indices into the current tokens, prefix excluded from
     the list); the prefix tokens are always kept first, then the listed ones in the given order. Patches of
     the dropped tokens leave (owner -1, their feature recorded for dense output)."""
-    batch, num_tokens = state.x.shape[:2]
+    batch = state.x.shape[0]
     prefix = torch.arange(state.num_prefix, device=keep_index.device).expand(batch, -1)
-    index = torch.cat([prefix, keep_index], dim=1)
+    return keep_indexed(state, torch.cat([prefix, keep_index], dim=1))
+
+
+def keep_indexed(state: TokenState, index: torch.Tensor) -> TokenState:
+    """:func:`keep_tokens` with the whole new order given, prefix tokens included: ``index`` (``B x N'``) lists
+    the tokens kept (the prefix tokens first, as a method guarantees), in their new order."""
+    num_tokens = state.x.shape[1]
     owner = None
     if state.owner is not None:
         destination = kept_destination(index, num_tokens)

@@ -222,23 +222,22 @@ def token_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix: int
                  device: torch.device | str = "cpu", block: int = 0, seed: int = 0) -> torch.Tensor:
     """:func:`selection_scores` over all tokens, ``B x N``, the prefix tokens' +inf (never among the lowest).
 
-    The map selections are computed on every token and the prefix entries overwritten (the same image-token
-    scores, element by element, without slicing the statistics); the others are padded.
+    The max-over-heads selections are computed on every token and the prefix entries overwritten (the same
+    image-token scores, element by element, without slicing the statistics); the others are padded.
     """
-    if selection in _MAP_STATISTICS:
-        reduce_heads = (lambda t: t.amax(dim=1)) if selection != "mixed_attn_mean" else (lambda t: t.mean(dim=1))
+    if selection in ("mixed_attn_max", "col_sum", "diag"):  # maxima: exact on any slice
         attn = stats.get("attn")
         if selection != "col_sum":
-            diag = reduce_heads(stats["diag"] if "diag" in stats else diagonal_of(attn))
+            diag = (stats["diag"] if "diag" in stats else diagonal_of(attn)).amax(dim=1)
         if selection != "diag":
-            column = reduce_heads(stats["col_sum"] if "col_sum" in stats else attn.sum(dim=-2))
+            column = (stats["col_sum"] if "col_sum" in stats else attn.sum(dim=-2)).amax(dim=1)
         scores = diag if selection == "diag" else column if selection == "col_sum" else diag * column
         if num_prefix:
             scores[:, :num_prefix].fill_(math.inf)  # a new tensor (the head reduction made it)
         return scores
+    # Means (a mean over a slice may differ in the last bit from one over the whole row) and the others: padded.
     scores = selection_scores(selection, stats, num_prefix, num_tokens, device, block, seed)
-    return torch.cat([scores.new_full((scores.shape[0], num_prefix), math.inf), scores], dim=1) if num_prefix \
-        else scores
+    return F.pad(scores, (num_prefix, 0), value=math.inf) if num_prefix else scores
 
 
 @register
@@ -363,17 +362,19 @@ class GTP(Method):
         weights = graph.gather(1, flat_index.flatten(1)).view(batch, alive_kept.shape[1], amount)
 
         scaled = weights * self.alpha
-        x_new = gather_tokens(x, index)
-        # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over x[K]).
-        x_new[:, num_prefix:].add_(as_dtype(scaled, x.dtype) @ gather_tokens(x, propagated_index))
-
         size = state.size
-        if self.token_scale:
-            sizes = state.sizes()
-            size = gather_tokens(sizes, index)
-            size[:, num_prefix:].add_(as_dtype(scaled, size.dtype) @ gather_tokens(sizes, propagated_index))
-        elif size is not None:
-            size = gather_tokens(size, index)
+        sizes = state.sizes() if self.token_scale else None
+        if sizes is not None and sizes.dtype == x.dtype and batch == 1:
+            # One image (latency): features and sizes side by side, one gather of each set and one product for
+            # both (bit for bit the two products here; a batched product of another width may round otherwise).
+            both = self._propagate(torch.cat([x, sizes], dim=-1), index, propagated_index, scaled, num_prefix)
+            x_new, size = both[..., : x.shape[-1]], both[..., x.shape[-1]:]
+        else:
+            x_new = self._propagate(x, index, propagated_index, scaled, num_prefix)
+            if sizes is not None:
+                size = self._propagate(sizes, index, propagated_index, scaled, num_prefix)
+            elif size is not None:
+                size = gather_tokens(size, index)
 
         owner = state.owner
         if owner is not None:
@@ -394,6 +395,15 @@ class GTP(Method):
             owner = remap_owner(owner, destination)
 
         return state.replace(x=x_new, size=size, owner=owner, extras={**state.extras, ALIVE_KEY: alive_next})
+
+    @staticmethod
+    def _propagate(t: torch.Tensor, index: torch.Tensor, propagated_index: torch.Tensor, scaled: torch.Tensor,
+                   num_prefix: int) -> torch.Tensor:
+        """``t[K] + scaled @ t[R]`` for the kept tokens ``index`` (prefix first, which receive nothing)."""
+        out = gather_tokens(t, index)
+        # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over t[K]).
+        out[:, num_prefix:].add_(as_dtype(scaled, t.dtype) @ gather_tokens(t, propagated_index))
+        return out
 
     # --- cost -----------------------------------------------------------------------------------
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
