@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .attention import exporting
 from .errors import InputError
 from .precision import at_least_float32, decide
 from .restore import RULES, carry_weights, merge_weights, similarity_links
@@ -296,8 +297,9 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         return state
     m = bipartite_match(metric, r, state.num_prefix)
     size = state.sizes()
-    if state.x.dtype == size.dtype:
-        # Features times sizes and the sizes side by side: one merge for both (the same sums per channel).
+    if state.x.dtype == size.dtype and not exporting():
+        # Features times sizes and the sizes side by side: one merge for both (the same sums per channel). Not
+        # while exporting: torch.export's stride propagation through the channel slices then breaks a later view.
         channels = state.x.shape[-1]
         merged = merge(torch.cat([state.x * size, size], dim=-1), m)
         new_size = merged[..., channels:]
