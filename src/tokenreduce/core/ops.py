@@ -297,9 +297,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         return state
     m = bipartite_match(metric, r, state.num_prefix)
     size = state.sizes()
-    if state.x.dtype == size.dtype and not exporting():
-        # Features times sizes and the sizes side by side: one merge for both (the same sums per channel). Not
-        # while exporting: torch.export's stride propagation through the channel slices then breaks a later view.
+    if state.x.dtype == size.dtype and not torch.is_grad_enabled() and not exporting():
+        # Inference: features times sizes and the sizes side by side, one merge for both (the same sums per
+        # channel). Not with gradients (the outputs then differed from the two merges in the last bit, so a model
+        # would give other outputs with and without no_grad) nor while exporting (torch.export's stride
+        # propagation through the channel slices broke a later view).
         channels = state.x.shape[-1]
         merged = merge(torch.cat([state.x * size, size], dim=-1), m)
         new_size = merged[..., channels:]

@@ -364,9 +364,10 @@ class GTP(Method):
         scaled = weights * self.alpha
         size = state.size
         sizes = state.sizes() if self.token_scale else None
-        if sizes is not None and sizes.dtype == x.dtype and batch == 1:
-            # One image (latency): features and sizes side by side, one gather of each set and one product for
-            # both (bit for bit the two products here; a batched product of another width may round otherwise).
+        if sizes is not None and sizes.dtype == x.dtype and batch == 1 and not torch.is_grad_enabled():
+            # One image, inference (latency): features and sizes side by side, one gather of each set and one
+            # product for both (bit for bit the two products here; a batched product of another width may round
+            # otherwise; with gradients the two products, as ToMe's merge).
             both = self._propagate(torch.cat([x, sizes], dim=-1), index, propagated_index, scaled, num_prefix)
             x_new, size = both[..., : x.shape[-1]], both[..., x.shape[-1]:]
         else:
