@@ -55,3 +55,29 @@ def test_compiled_patched_model_matches_eager(method):
         torch.testing.assert_close(second, eager, atol=1e-5, rtol=1e-5)
     # One graph per batch size (fullgraph: no breaks): batch 1 is static, batch 8 a second graph.
     assert compiled_graphs() == 2
+
+
+# mode="reduce-overhead" (CUDA graphs on a GPU; on CPU torch compiles the same graph without them) needs static
+# shapes and no host sync: the whole forward pass, every reduction step included, is one graph without breaks
+# (PPT's per-image policy is a mask, both branches computed, when compiled).
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+def test_reduce_overhead_mode_matches_eager_and_the_reduction_has_no_graph_break(method):
+    from tokenreduce.methods import gtp
+
+    torch._dynamo.reset()
+    getattr(gtp, "_SPATIAL_CACHE", {}).clear()
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                              img_size=64).eval()
+    tr.patch(model, method, **OPTIONS[method])
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(images)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(images[:1])
+        eager = model(images[:1])
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)

@@ -56,16 +56,30 @@ MAP_KERNELS = ("auto", "chunked", "fused")
 
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` (hence ``tr.export_onnx``) or TorchScript (OpenVINO's direct conversion) is
+    tracing; torch < 2.6 has no ``is_exporting`` flag."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting()) or torch.jit.is_tracing()
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without dispatching an op when ``t`` has that dtype already (the same tensor either way)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def diagonal_of(probs: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """The entries ``(i, i + offset)`` of the last two axes of ``probs`` (``... x rows x N``), as ``... x rows``.
 
-    A gather rather than ``Tensor.diagonal``: the same values, and OpenVINO's TorchScript frontend (its direct
-    conversion of a patched model) has no ``aten::diagonal``.
+    A view (``Tensor.diagonal``, one op) in eager and compiled code; a gather while exporting: the same values, and
+    OpenVINO's TorchScript frontend (its direct conversion of a patched model) has no ``aten::diagonal``.
 
     >>> diagonal_of(torch.arange(9.0).view(1, 3, 3)).tolist()
     [[0.0, 4.0, 8.0]]
     """
     rows = probs.shape[-2]
+    if not exporting():
+        return probs.diagonal(offset=offset, dim1=-2, dim2=-1)
     index = torch.arange(offset, offset + rows, device=probs.device).view(rows, 1)
     return probs.gather(-1, index.expand(*probs.shape[:-1], 1)).squeeze(-1)
 
@@ -165,13 +179,13 @@ def map_statistics(
         kernel = "chunked" if q.device.type == "cpu" else "fused"
     batch, heads, num_q, _ = q.shape
     num_k = k.shape[2]
-    bias = None if size_bias is None else size_bias.to(q.dtype)
+    bias = None if size_bias is None else as_dtype(size_bias, q.dtype)
     bias32 = None if size_bias is None else at_least_float32(size_bias)  # the map's bias, float32 like the map
     budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     if torch.compiler.is_compiling() or batch * heads * num_q * num_k <= budget:
         # One chunk: the reference arithmetic as it is (the compiler fuses it; a Python loop would unroll).
         probs = _map_chunk(q, k, scale, bias32)
-        out = probs.to(v.dtype) @ v if kernel == "chunked" else None
+        out = as_dtype(probs, v.dtype) @ v if kernel == "chunked" else None
         stats = {}
         if "col_sum" in need:
             stats["col_sum"] = probs.sum(dim=-2)
@@ -191,7 +205,7 @@ def map_statistics(
                 rows = slice(row, row + query_rows)
                 probs = _map_chunk(q[part, :, rows], k[part], scale, None if bias32 is None else bias32[part])
                 if out is not None:
-                    out[part, :, rows] = probs.to(v.dtype) @ v[part]
+                    out[part, :, rows] = as_dtype(probs, v.dtype) @ v[part]
                 if columns is not None:
                     columns[part] += probs.sum(dim=-2)
                 if diagonal is not None:  # the entries (i, i) of these rows: the block's diagonal at offset row
@@ -233,7 +247,7 @@ def attend(
     unknown = need - STATISTICS
     if unknown:
         raise InputError(f"unknown attention statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
-    bias = None if size_bias is None else size_bias.to(q.dtype)
+    bias = None if size_bias is None else as_dtype(size_bias, q.dtype)
     stats: dict[str, torch.Tensor] = {}
     # The keys the CLS row and the metric rank by, upcast once (k itself in float32; unused otherwise).
     k32 = at_least_float32(k) if need & {"cls_attn", "metric"} else k
@@ -262,7 +276,7 @@ def attend(
             stats["diag"] = diagonal_of(probs)
         if "cls_attn" in need:
             stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
-        out = (probs if attn_drop is None else attn_drop(probs)).to(v.dtype) @ v
+        out = as_dtype(probs if attn_drop is None else attn_drop(probs), v.dtype) @ v
     else:
         if need & MAP_STATISTICS:
             out, stats = map_statistics(q, k, v, scale, size_bias, need & MAP_STATISTICS)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .attention import exporting
 from .errors import InputError
 from .precision import at_least_float32, decide
 from .restore import RULES, carry_weights, merge_weights, similarity_links
@@ -86,6 +87,9 @@ class Matching(NamedTuple):
     stay: torch.Tensor
     num_prefix: int
     num_tokens: int
+    #: The A tokens that stay with the prefix A tokens in front (``B x (|A| - r)``), or None: what lets
+    #: :func:`merge` gather the front of its output at once.
+    kept: torch.Tensor | None = None
 
 
 def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
@@ -103,16 +107,30 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)
     # Prefix tokens sit at the front: A holds ceil(num_prefix / 2) of them, B floor(num_prefix / 2).
-    if num_prefix:
-        scores[:, : (num_prefix + 1) // 2, :] = -torch.inf
+    if num_prefix:  # fill_ with a Python scalar: one op fewer than an indexed assignment
+        scores[:, : (num_prefix + 1) // 2].fill_(-torch.inf)
     if num_prefix > 1:
-        scores[:, :, : num_prefix // 2] = -torch.inf
+        scores[:, :, : num_prefix // 2].fill_(-torch.inf)
     best_score, best_dst = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     src = order[:, :r]
     # The prefix A tokens (scores -inf) always stay and have the smallest indices: drop them from ``stay``.
-    stay = order[:, r:].sort(dim=-1).values[:, (num_prefix + 1) // 2:]
-    return Matching(src, best_dst.gather(1, src), stay, num_prefix, metric.shape[1])
+    kept = order[:, r:].sort(dim=-1).values
+    stay = kept[:, (num_prefix + 1) // 2:]
+    return Matching(src, best_dst.gather(1, src), stay, num_prefix, metric.shape[1], kept)
+
+
+def add_tokens_(into: torch.Tensor, index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Add the tokens ``t`` (``B x K x C``) into the rows ``index`` (``B x K``) of ``into`` (``B x N x C``), in
+    place, in index order (repeated rows add up): ``into.scatter_add_`` over the channels, one ``index_add_`` for
+    a single image.
+
+    >>> add_tokens_(torch.zeros(1, 2, 1), torch.tensor([[1, 1]]), torch.ones(1, 2, 1)).flatten().tolist()
+    [0.0, 2.0]
+    """
+    if into.shape[0] == 1:
+        return into.index_add_(1, index[0], t)
+    return into.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t)
 
 
 def merge(t: torch.Tensor, m: Matching) -> torch.Tensor:
@@ -125,6 +143,12 @@ def merge(t: torch.Tensor, m: Matching) -> torch.Tensor:
     """
     prefix_b = m.num_prefix // 2
     t_a, t_b = t[:, ::2], t[:, 1::2]
+    if m.kept is not None and prefix_b == 0:
+        # No prefix token among B: the front (prefix and staying A tokens, in order) is one gather, B follows
+        # whole, and the sources are added into their destinations in place (the same sums in the same order).
+        out = torch.cat([gather_tokens(t_a, m.kept), t_b], dim=1)
+        add_tokens_(out[:, m.kept.shape[1]:], m.dst, gather_tokens(t_a, m.src))
+        return out
     t_b = t_b.scatter_add(1, m.dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), gather_tokens(t_a, m.src))
     return torch.cat([t[:, : m.num_prefix], gather_tokens(t_a, m.stay), t_b[:, prefix_b:]], dim=1)
 
@@ -244,9 +268,15 @@ def keep_tokens(state: TokenState, keep_index: torch.Tensor) -> TokenState:
     """Keep the image tokens ``keep_index`` (``B x K``, indices into the current tokens, prefix excluded from
     the list); the prefix tokens are always kept first, then the listed ones in the given order. Patches of
     the dropped tokens leave (owner -1, their feature recorded for dense output)."""
-    batch, num_tokens = state.x.shape[:2]
+    batch = state.x.shape[0]
     prefix = torch.arange(state.num_prefix, device=keep_index.device).expand(batch, -1)
-    index = torch.cat([prefix, keep_index], dim=1)
+    return keep_indexed(state, torch.cat([prefix, keep_index], dim=1))
+
+
+def keep_indexed(state: TokenState, index: torch.Tensor) -> TokenState:
+    """:func:`keep_tokens` with the whole new order given, prefix tokens included: ``index`` (``B x N'``) lists
+    the tokens kept (the prefix tokens first, as a method guarantees), in their new order."""
+    num_tokens = state.x.shape[1]
     owner = None
     if state.owner is not None:
         destination = kept_destination(index, num_tokens)
@@ -267,8 +297,18 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         return state
     m = bipartite_match(metric, r, state.num_prefix)
     size = state.sizes()
-    new_size = merge(size, m)
-    new_x = merge(state.x * size, m) / new_size
+    if state.x.dtype == size.dtype and not torch.is_grad_enabled() and not exporting():
+        # Inference: features times sizes and the sizes side by side, one merge for both (the same sums per
+        # channel). Not with gradients (the outputs then differed from the two merges in the last bit, so a model
+        # would give other outputs with and without no_grad) nor while exporting (torch.export's stride
+        # propagation through the channel slices broke a later view).
+        channels = state.x.shape[-1]
+        merged = merge(torch.cat([state.x * size, size], dim=-1), m)
+        new_size = merged[..., channels:]
+        new_x = merged[..., :channels] / new_size
+    else:
+        new_size = merge(size, m)
+        new_x = merge(state.x * size, m) / new_size
     owner, left_weights = None, None
     if state.owner is not None:
         destination = merge_destination(m)

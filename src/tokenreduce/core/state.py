@@ -64,7 +64,8 @@ class TokenState:
         """log(size) per key, ``B x 1 x 1 x N``, to add to attention logits (None when all sizes are 1)."""
         if self.size is None:
             return None
-        return self.size.log().transpose(1, 2).unsqueeze(1)
+        # One reshape of the B x N x 1 log (two ops fewer than transpose + unsqueeze; the same values).
+        return self.size.log().reshape(self.size.shape[0], 1, 1, self.size.shape[1])
 
     def tracked(self, dense: bool = False) -> TokenState:
         """This (unreduced) state with patch bookkeeping switched on: ``owner`` always, ``left``/``left_x``

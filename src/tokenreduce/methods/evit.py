@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from ..core.attention import as_dtype
 from ..core.errors import InputError
-from ..core.ops import gather_tokens, keep_tokens
+from ..core.ops import gather_tokens, keep_indexed
 from ..core.restore import append_weights
 from ..core.state import TokenState
 from .base import register
-from .topk import DEFAULT_LAYERS, TopK, cls_scores, top_image_tokens
+from .topk import DEFAULT_LAYERS, TopK, cls_token_scores, top_tokens
 
 #: How the dropped tokens are fused: EViT's attention-weighted sum, or the renormalised weighted average.
 FUSE_MODES = ("sum", "mean")
@@ -49,17 +50,16 @@ class EViT(TopK):
         return drop, (num_tokens - drop + 1 if drop else num_tokens), ""
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
-        num_prefix = state.num_prefix
-        scores = cls_scores(stats, num_prefix)
-        keep, drop = top_image_tokens(scores, scores.shape[1] - amount)
-        drop_idx = drop + num_prefix
+        scores = cls_token_scores(stats, state.num_prefix)
+        keep, drop = top_tokens(scores, scores.shape[1] - amount)  # token indices, prefix kept first
         weight = scores.gather(1, drop).unsqueeze(-1)
         if self.fuse == "mean":
             weight = weight / weight.sum(dim=1, keepdim=True)
-        fused_x = (gather_tokens(state.x, drop_idx) * weight.to(state.x.dtype)).sum(dim=1, keepdim=True)
-        fused_size = gather_tokens(state.sizes(), drop_idx).sum(dim=1, keepdim=True)
+        fused_x = (gather_tokens(state.x, drop) * as_dtype(weight, state.x.dtype)).sum(dim=1, keepdim=True)
+        sizes = state.sizes()
+        fused_size = gather_tokens(sizes, drop).sum(dim=1, keepdim=True)
 
-        kept = keep_tokens(state.replace(size=state.sizes()), keep + num_prefix)
+        kept = keep_indexed(state.replace(size=sizes), keep)
         fused_pos = kept.x.shape[1]
         owner = kept.owner
         if owner is not None:

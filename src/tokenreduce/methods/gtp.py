@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import diagonal_of
+from ..core.attention import as_dtype, diagonal_of, exporting
 from ..core.errors import InputError, InputTypeError
 from ..core.ops import depart, gather_tokens, kept_destination, remap_owner
 from ..core.precision import decide
@@ -37,9 +37,11 @@ _MAP_STATISTICS = {"mixed_attn_max": frozenset({"col_sum", "diag"}), "mixed_attn
 #: How the map statistics are computed: "chunked" (a few images at a time, ``core.attention.map_statistics``)
 #: or "full" (the whole ``B x H x N x N`` map, as the official code; the reference).
 MAPS = ("chunked", "full")
-#: ``state.extras`` keys: the graph of block 0 (``B x n0 x n0``) and, per image, the block-0 index of every
-#: current image token (``B x n``); the current graph is ``current_graph(state)``.
+#: ``state.extras`` keys: the graph of block 0 (``B x n0 x n0``), the same flattened (``B x n0*n0``, a view) and,
+#: per image, the block-0 image index of every current token (``B x N``; the prefix tokens' entries are 0 and
+#: mean nothing); the current graph is ``current_graph(state)``.
 GRAPH_KEY = "gtp_graph"
+FLAT_GRAPH_KEY = "gtp_graph_flat"
 ALIVE_KEY = "gtp_alive"
 
 # The spatial graph depends only on the grid: one (adjacency, normalised graph) per (grid, device), at most
@@ -86,10 +88,8 @@ def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
 
 
 def _exporting() -> bool:
-    """Whether ``torch.export`` (hence ``tr.export_onnx``) or TorchScript (OpenVINO's direct conversion) is
-    tracing; torch < 2.6 has no ``is_exporting`` flag."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting()) or torch.jit.is_tracing()
+    """Whether ``torch.export`` or TorchScript is tracing (``core.attention.exporting``)."""
+    return exporting()
 
 
 def _build_spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +168,7 @@ def current_graph(state: TokenState) -> torch.Tensor:
 
     The forward pass never builds it: it reads the few entries G[K, R] it needs from the block-0 graph.
     """
-    graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY]
+    graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY][:, state.num_prefix:]
     rows = graph.gather(1, alive.unsqueeze(-1).expand(-1, -1, graph.shape[-1]))
     return rows.gather(2, alive.unsqueeze(1).expand(-1, alive.shape[1], -1))
 
@@ -216,6 +216,28 @@ def selection_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix:
     if selection == "col_sum":
         return column
     return diag * column
+
+
+def token_scores(selection: str, stats: dict[str, torch.Tensor], num_prefix: int, num_tokens: int,
+                 device: torch.device | str = "cpu", block: int = 0, seed: int = 0) -> torch.Tensor:
+    """:func:`selection_scores` over all tokens, ``B x N``, the prefix tokens' +inf (never among the lowest).
+
+    The max-over-heads selections are computed on every token and the prefix entries overwritten (the same
+    image-token scores, element by element, without slicing the statistics); the others are padded.
+    """
+    if selection in ("mixed_attn_max", "col_sum", "diag"):  # maxima: exact on any slice
+        attn = stats.get("attn")
+        if selection != "col_sum":
+            diag = (stats["diag"] if "diag" in stats else diagonal_of(attn)).amax(dim=1)
+        if selection != "diag":
+            column = (stats["col_sum"] if "col_sum" in stats else attn.sum(dim=-2)).amax(dim=1)
+        scores = diag if selection == "diag" else column if selection == "col_sum" else diag * column
+        if num_prefix:
+            scores[:, :num_prefix].fill_(math.inf)  # a new tensor (the head reduction made it)
+        return scores
+    # Means (a mean over a slice may differ in the last bit from one over the whole row) and the others: padded.
+    scores = selection_scores(selection, stats, num_prefix, num_tokens, device, block, seed)
+    return F.pad(scores, (num_prefix, 0), value=math.inf) if num_prefix else scores
 
 
 @register
@@ -310,40 +332,50 @@ class GTP(Method):
             return state
         image = state.x[:, state.num_prefix:]
         graph = build_graph(image, state.grid, self.graph, self.k)
-        alive = torch.arange(image.shape[1], device=image.device).expand(image.shape[0], -1)
-        return state.replace(extras={**state.extras, GRAPH_KEY: graph, ALIVE_KEY: alive})
+        # Every token's block-0 image index (prefix tokens: 0, never read), so that the indices the selection
+        # makes over all tokens index it directly.
+        alive = torch.arange(-state.num_prefix, image.shape[1], device=image.device).clamp(min=0).expand(
+            image.shape[0], -1)
+        return state.replace(extras={**state.extras, GRAPH_KEY: graph, FLAT_GRAPH_KEY: graph.flatten(1),
+                                     ALIVE_KEY: alive})
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
         x, num_prefix = state.x, state.num_prefix
         batch, num_tokens, _ = x.shape
-        graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY]
-        n0 = graph.shape[-1]
+        graph, alive = state.extras[FLAT_GRAPH_KEY], state.extras[ALIVE_KEY]
+        n0 = state.extras[GRAPH_KEY].shape[-1]
 
-        scores = selection_scores(self.selection, stats, num_prefix, num_tokens, x.device, block, self.seed)
-        order = scores.expand(batch, -1).argsort(dim=-1, stable=True)
-        propagated = order[:, :amount]  # indices among the current image tokens
-        kept = order[:, amount:].sort(dim=-1).values  # raster order
+        # Scores of every token, the prefix tokens' +inf: the stable ascending order lists the image tokens as the
+        # image-token scores would and the prefix tokens last, so its indices are token indices as they are.
+        scores = token_scores(self.selection, stats, num_prefix, num_tokens, x.device, block, self.seed)
+        order = scores.argsort(dim=-1, stable=True)
+        if order.shape[0] != batch:  # ``random``: one order for the whole batch
+            order = order.expand(batch, -1)
+        propagated_index = order[:, :amount]
+        index = order[:, amount:].sort(dim=-1).values  # the prefix tokens, then the kept ones in raster order
 
         # G[K, R] straight from the graph of block 0 through the original indices of the tokens alive: the
         # sub-matrix G[K, K] the next block uses is never materialised (it is the same entries of G).
-        alive_kept, alive_propagated = alive.gather(1, kept), alive.gather(1, propagated)
+        alive_next = alive.gather(1, index)
+        alive_kept, alive_propagated = alive_next[:, num_prefix:], alive.gather(1, propagated_index)
         flat_index = (alive_kept * n0).unsqueeze(-1) + alive_propagated.unsqueeze(1)
-        weights = graph.flatten(1).gather(1, flat_index.flatten(1)).view(batch, kept.shape[1], amount)
+        weights = graph.gather(1, flat_index.flatten(1)).view(batch, alive_kept.shape[1], amount)
 
-        index = torch.cat([torch.arange(num_prefix, device=x.device).expand(batch, -1), kept + num_prefix], dim=1)
-        propagated_index = propagated + num_prefix
         scaled = weights * self.alpha
-        x_new = gather_tokens(x, index)
-        # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over x[K]).
-        x_new[:, num_prefix:] += scaled.to(x.dtype) @ gather_tokens(x, propagated_index)
-
         size = state.size
-        if self.token_scale:
-            sizes = state.sizes()
-            size = gather_tokens(sizes, index)
-            size[:, num_prefix:] += scaled.to(size.dtype) @ gather_tokens(sizes, propagated_index)
-        elif size is not None:
-            size = gather_tokens(size, index)
+        sizes = state.sizes() if self.token_scale else None
+        if sizes is not None and sizes.dtype == x.dtype and batch == 1 and not torch.is_grad_enabled():
+            # One image, inference (latency): features and sizes side by side, one gather of each set and one
+            # product for both (bit for bit the two products here; a batched product of another width may round
+            # otherwise; with gradients the two products, as ToMe's merge).
+            both = self._propagate(torch.cat([x, sizes], dim=-1), index, propagated_index, scaled, num_prefix)
+            x_new, size = both[..., : x.shape[-1]], both[..., x.shape[-1]:]
+        else:
+            x_new = self._propagate(x, index, propagated_index, scaled, num_prefix)
+            if sizes is not None:
+                size = self._propagate(sizes, index, propagated_index, scaled, num_prefix)
+            elif size is not None:
+                size = gather_tokens(size, index)
 
         owner = state.owner
         if owner is not None:
@@ -363,7 +395,16 @@ class GTP(Method):
             destination = kept_destination(index, num_tokens).scatter_(1, propagated_index, receiver)
             owner = remap_owner(owner, destination)
 
-        return state.replace(x=x_new, size=size, owner=owner, extras={**state.extras, ALIVE_KEY: alive_kept})
+        return state.replace(x=x_new, size=size, owner=owner, extras={**state.extras, ALIVE_KEY: alive_next})
+
+    @staticmethod
+    def _propagate(t: torch.Tensor, index: torch.Tensor, propagated_index: torch.Tensor, scaled: torch.Tensor,
+                   num_prefix: int) -> torch.Tensor:
+        """``t[K] + scaled @ t[R]`` for the kept tokens ``index`` (prefix first, which receive nothing)."""
+        out = gather_tokens(t, index)
+        # bmm then add (not baddbmm_, which FlopCounterMode does not see; the difference is one pass over t[K]).
+        out[:, num_prefix:].add_(as_dtype(scaled, t.dtype) @ gather_tokens(t, propagated_index))
+        return out
 
     # --- cost -----------------------------------------------------------------------------------
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:

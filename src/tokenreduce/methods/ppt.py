@@ -17,9 +17,11 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core.errors import InputError
-from ..core.ops import bipartite_merge, keep_tokens, max_bipartite_r
+from ..core.ops import bipartite_merge, keep_indexed, max_bipartite_r
+from ..core.precision import at_least_float32
 from ..core.state import TokenState
 from .base import Method, Plan, check_layers, register, resolve_r, validate_r
 
@@ -36,21 +38,24 @@ def importance_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.
     ``a_j = (sum over heads of the CLS attention to j) * ||v_j||``, ``s_j = a_j / sum_i a_i``. Computed in
     float32 so that the variance test means the same under bfloat16 / float16 features.
     """
-    cls_attn = stats["cls_attn"][:, :, num_prefix:].float().sum(dim=1)
-    weighted = cls_attn * stats["value_norm"][:, num_prefix:].float()
+    cls_attn = at_least_float32(stats["cls_attn"][:, :, num_prefix:]).sum(dim=1)
+    weighted = cls_attn * at_least_float32(stats["value_norm"][:, num_prefix:])
     return weighted / weighted.sum(dim=-1, keepdim=True)
 
 
 def prune_lowest(state: TokenState, scores: torch.Tensor, amount: int) -> TokenState:
     """PPT's pruning branch: keep the image tokens with the ``M - amount`` highest ``scores`` (``B x M``), stored
     after the prefix tokens in descending score order, with their sizes."""
+    num_prefix = state.num_prefix
+    if num_prefix:  # prefix scores +inf in front: the order's indices are token indices, the prefix first
+        scores = F.pad(scores, (num_prefix, 0), value=math.inf)
     order = scores.argsort(dim=-1, descending=True, stable=True)[:, : scores.shape[1] - amount]
-    return keep_tokens(state, order + state.num_prefix)
+    return keep_indexed(state, order)
 
 
 def with_policy(state: TokenState, block: int, pooled: torch.Tensor) -> TokenState:
     """``state`` with block ``block``'s per-image policy (``B`` bool, True = pooled) in its extras."""
-    return state.replace(extras={**state.extras, f"{POLICY_KEY}{block}": pooled.detach()})
+    return state.replace(extras={**state.extras, f"{POLICY_KEY}{block}": pooled})  # bool: never a gradient
 
 
 @register
@@ -166,7 +171,7 @@ class PPT(Method):
             # On CPU the policy is read for free (no device to wait for): when every image of the batch agrees,
             # only its branch runs (batch 1 always). Compiled, traced or on an accelerator, both branches run for
             # the whole batch and torch.where picks per image, without a host sync.
-            pooling = int(pool.sum())
+            pooling = int(pool.sum()) if batch != 1 else int(pool)  # one op fewer for one image
             if pooling in (0, batch):
                 chosen = bipartite_merge(state, stats["metric"], amount) if pooling else \
                     prune_lowest(state, scores, amount)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core.errors import InputError
-from ..core.ops import keep_tokens
+from ..core.ops import keep_indexed
 from ..core.state import TokenState
 from .base import Method, Plan, check_keep_rate, check_layers, keep_count, register, resolve_r, validate_r
 
@@ -17,6 +19,21 @@ DEFAULT_LAYERS = (3, 6, 9)
 def cls_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.Tensor:
     """CLS attention to each image token, mean over heads, ``B x (N - num_prefix)``."""
     return stats["cls_attn"][:, :, num_prefix:].mean(dim=1)
+
+
+def cls_token_scores(stats: dict[str, torch.Tensor], num_prefix: int) -> torch.Tensor:
+    """:func:`cls_scores` over all tokens, ``B x N``, the prefix tokens' +inf (always among the highest)."""
+    # The image tokens' scores exactly as cls_scores (the mean over a slice; a mean over the whole row may differ
+    # in the last bit), padded in front by one op.
+    return F.pad(cls_scores(stats, num_prefix), (num_prefix, 0), value=math.inf)
+
+
+def top_tokens(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of the ``keep`` highest ``scores`` (``B x N``, prefix +inf: :func:`cls_token_scores`) in
+    their order, prefix tokens first, and of the rest in descending score order: the same tokens as
+    :func:`top_image_tokens` on the image tokens, offset by the prefix, with no index arithmetic."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return order[:, :keep].sort(dim=-1).values, order[:, keep:]
 
 
 def top_image_tokens(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +97,9 @@ class TopK(Method):
         return self.use_prop_attn
 
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
-        scores = cls_scores(stats, state.num_prefix)
-        keep, _ = top_image_tokens(scores, scores.shape[1] - amount)
-        return keep_tokens(state, keep + state.num_prefix)
+        scores = cls_token_scores(stats, state.num_prefix)
+        keep, _ = top_tokens(scores, scores.shape[1] - amount)
+        return keep_indexed(state, keep)
 
     def overhead_macs(self, plan: Plan, dim: int, heads: int, num_prefix: int) -> float:
         # The CLS row q_cls . K^T, computed beside the fused attention.

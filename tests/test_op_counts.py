@@ -1,0 +1,90 @@
+"""The ops each method's reduction adds per reducing block do not regress (batch-1 latency is launch-bound: every
+small op counts; ``benchmarks/op_counts.py`` measures DeiT-S and ``docs/export.md`` has the table).
+
+Every aten op of one forward pass of a small ViT at batch 1 is counted (a ``TorchDispatchMode``), for the method
+and for the same model whose reductions are a plain slice to the method's token counts (``SameTokenCounts``,
+as ``benchmarks/batch1_bound.py``); the difference per reducing block must stay at or below the counts after
+the cuts of issue 24. A change that adds ops to a reduction step fails here: lower the limit when you cut more,
+and raise it only with a reason. (Counts are of this torch version's dispatch; a torch upgrade may move them.)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tokenreduce as tr
+from tokenreduce.core.state import TokenState
+from tokenreduce.methods.base import Method, Plan
+
+# case -> (method, options, the most ops added per reducing block at batch 1; before the cuts in brackets)
+LIMITS = {
+    "tome": ("tome", dict(r=3), 31.75),  # [45.25]
+    "topk": ("topk", dict(keep_rate=0.5, layers=(1, 3)), 14.0),  # [17]
+    "evit": ("evit", dict(keep_rate=0.5, layers=(1, 3)), 27.5),  # [33]
+    "gtp": ("gtp", dict(r=2), 44.5),  # [67.25] (the semantic graph, once per forward pass, shared by 4 steps)
+    "gtp spatial": ("gtp", dict(r=2, graph="spatial"), 39.0),  # [61.75]
+    "ppt": ("ppt", dict(r=3, layers=(1, 3)), 39.5),  # [53]
+    "ppt prune": ("ppt", dict(r=3, layers=(1, 3), threshold=0.0), 25.0),  # [33]
+    "ppt pool": ("ppt", dict(r=3, layers=(1, 3), threshold=float("inf")), 33.5),  # [48.5]
+}
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SameTokenCounts(Method):
+    """Another method's plan, each reduction a slice to its token count (no reduction work)."""
+
+    name = "same-token-counts"
+
+    def __init__(self, inner: Method) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def plan(self, num_tokens: int, num_prefix: int, depth: int) -> Plan:
+        return self.inner.plan(num_tokens, num_prefix, depth)
+
+    def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
+        return state.replace(x=state.x[:, : state.extras["tokens_out"][block]].contiguous())
+
+    def begin(self, state: TokenState, plan: Plan) -> TokenState:
+        return state.replace(extras={**state.extras, "tokens_out": plan.tokens_out})
+
+
+def count(model: torch.nn.Module, images: torch.Tensor) -> int:
+    with torch.inference_mode():
+        model(images)  # caches (plans, GTP's spatial graph) filled outside the count
+        with OpCounter() as counter:
+            model(images)
+    return sum(counter.counts.values())
+
+
+def test_every_method_is_covered():
+    assert {method for method, _, _ in LIMITS.values()} == set(tr.methods())
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+def test_ops_added_per_reduction_step_do_not_regress(case):
+    method, options, limit = LIMITS[case]
+    torch.manual_seed(0)
+    make = lambda: timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=4, embed_dim=32,  # noqa: E731
+                                     num_heads=2, img_size=64).eval()
+    images = torch.randn(1, 3, 64, 64)
+    reduced = tr.patch(make(), method, **options)
+    inner = tr.method_of(reduced)
+    bound = tr.patch(make(), SameTokenCounts(inner))
+    plan = inner.plan(17, 1, 4)
+    steps = sum(1 for amount in plan.amounts if amount)
+    added = (count(reduced, images) - count(bound, images)) / steps
+    assert added <= limit, f"{case}: {added} ops per reducing block, at most {limit} allowed"
