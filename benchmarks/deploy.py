@@ -104,7 +104,8 @@ def build_model(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str
     torch.manual_seed(0)
     if name == "deit_s":
         model = timm.create_model("deit_small_patch16_224", pretrained=False, **kwargs)
-        return model.eval(), f"deit_small_patch16_224 {kwargs or ''} (random weights: speed only)".strip(), False
+        size = f" {kwargs}" if kwargs else ""
+        return model.eval(), f"deit_small_patch16_224{size} (random weights: speed only)", False
     if name == "classifier":
         if kwargs:  # tests: the classifier's architecture at a tiny size, random weights
             model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, **kwargs)
@@ -363,6 +364,7 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
             named = {"float32|unreduced": named.pop("float32|unreduced"), **named}  # the calls count comes from it
             with tqdm(total=args.rounds, desc=f"{model_name} {runtime} batch {batch_size}", file=sys.stdout) as bar:
                 timings = time_group(named, batch, args.rounds, args.warmup, args.min_time, bar)
+            base = timings["float32|unreduced"]["images_per_s"]
             for name, timing in timings.items():
                 precision, label = name.split("|", 1)
                 ceiling = info["settings"][label]["ceiling"]
@@ -371,7 +373,7 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
                 result["speed"].append({
                     "model": model_name, "runtime": runtime, "precision": precision, "setting": label,
                     "batch_size": batch_size, **timing,
-                    "speedup_vs_float32_unreduced": timing["images_per_s"] / timings["float32|unreduced"]["images_per_s"],
+                    "speedup_vs_float32_unreduced": timing["images_per_s"] / base,
                     "speedup_vs_same_precision_unreduced": reduction, "ceiling": ceiling,
                     "share_of_ceiling": None if reduction is None else reduction / ceiling,
                 })
@@ -485,19 +487,19 @@ def table(result: dict[str, Any]) -> str:
         runtimes = [rt for rt in RUNTIMES if any(k[0] == model_name and k[1] == rt for k in fid)]
         for runtime in runtimes:
             for label, s in info["settings"].items():
-                def pair(get: Callable[[str], str]) -> str:
-                    return f"{get('float32') or '–'} / {get('int8') or '–'}"
+                def pair(table_rows: dict, field: str, spec: str, suffix: str = "", batch: int | None = None,
+                         key: tuple = (model_name, runtime, label)) -> str:
+                    cells = []
+                    for precision in ("float32", "int8"):
+                        full = (key[0], key[1], precision, key[2]) + (() if batch is None else (batch,))
+                        cells.append(_fmt(table_rows.get(full, {}).get(field), spec, suffix) or "–")
+                    return " / ".join(cells)
 
                 cells = [model_name, runtime, label, f"{100 * s['gmacs_share']:.0f}", f"{s['ceiling']:.2f}x"]
-                for b in batches:
-                    cells.append(pair(lambda p, b=b: _fmt(speed.get((model_name, runtime, p, label, b), {}).get(
-                        "speedup_vs_float32_unreduced"), ".2f", "x")))
+                cells += [pair(speed, "speedup_vs_float32_unreduced", ".2f", "x", b) for b in batches]
                 if batches:
-                    cells.append(pair(lambda p: _fmt(speed.get((model_name, runtime, p, label, largest), {}).get(
-                        "share_of_ceiling"))))
-                cells.append(pair(lambda p: _fmt(acc.get((model_name, runtime, p, label), {}).get("top1"), ".1f")))
-                cells.append(pair(lambda p: _fmt(acc.get((model_name, runtime, p, label), {}).get("agreement"),
-                                                 ".1f")))
+                    cells.append(pair(speed, "share_of_ceiling", ".2f", batch=largest))
+                cells += [pair(acc, "top1", ".1f"), pair(acc, "agreement", ".1f")]
                 cells.append(_fmt(fid.get((model_name, runtime, "float32", label), {}).get("max_abs_diff"), ".1e"))
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
