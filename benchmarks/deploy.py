@@ -457,6 +457,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for model_name in args.models.split(","):
         run_model(model_name, args, runtimes, batch_sizes, result)
+        if not args.export_only:  # what is done so far, in case a later model fails
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
     result["environment"]["load_average_end"] = list(os.getloadavg())
     result["run_s"] = time.time() - started
     result["targets"] = targets(result)
