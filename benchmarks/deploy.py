@@ -310,6 +310,8 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
         "check_batch": f"{calibration_folder}: the {args.check_images} images after the calibration ones",
     }
     result["models"][model_name] = info
+    info.update({"command": result["command"], "size": result["size"], "load_average_start": list(os.getloadavg())})
+    started = time.time()
     print(f"\n== {model_name}: {description}, {base_gmacs:.2f} GMACs, {img_size[0]}x{img_size[1]}", flush=True)
 
     runners: dict[tuple[str, str, str], Callable[[np.ndarray], np.ndarray]] = {}
@@ -386,9 +388,10 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
         labels_np = labels.numpy()
         reference = runners.get(("eager", "float32", "unreduced")) or eager_runner(floats["unreduced"])
         base_pred = predict(reference, images, args.eval_batch).argmax(-1)
+        preds = {}
         for (runtime, precision, label), run in tqdm(runners.items(), desc=f"{model_name}: accuracy",
                                                      file=sys.stdout):
-            pred = predict(run, images, args.eval_batch).argmax(-1)
+            pred = preds[(runtime, precision, label)] = predict(run, images, args.eval_batch).argmax(-1)
             result["accuracy"].append({
                 "model": model_name, "runtime": runtime, "precision": precision, "setting": label,
                 "images": len(images), "top1": 100.0 * float((pred == labels_np).mean()),
@@ -401,7 +404,12 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
                 delta = row["top1"] - fp["top1"]
                 result["int8_delta"].append({"model": model_name, "runtime": runtime, "precision": precision,
                                              "setting": label, "top1_float32": fp["top1"], "top1_int8": row["top1"],
-                                             "delta": delta, "within_0.5": abs(delta) <= 0.5})
+                                             "delta": delta, "within_0.5": abs(delta) <= 0.5,
+                                             "agreement_with_float32": 100.0 * float(
+                                                 (preds[(runtime, precision, label)]
+                                                  == preds[(runtime, "float32", label)]).mean())})
+    info["run_s"] = time.time() - started
+    info["load_average_end"] = list(os.getloadavg())
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +463,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "load_average_start": list(os.getloadavg())},
         "models": {}, "fidelity": [], "speed": [], "accuracy": [], "int8_delta": [],
     }
+    previous = Path(args.out)
+    if args.keep_other_models and previous.is_file():
+        old = json.loads(previous.read_text())
+        for name, info in old["models"].items():
+            if name not in args.models.split(","):
+                info.setdefault("command", old.get("command"))  # a file written before sizes were per model
+                info.setdefault("size", old.get("size"))
+                info.setdefault("run_s", old.get("run_s"))
+                result["models"][name] = info
+                for rows in ("fidelity", "speed", "accuracy", "int8_delta"):
+                    result[rows] += [r for r in old[rows] if r["model"] == name]
+                print(f"kept {name} from {portable_path(previous)} ({info['command']})", flush=True)
     for model_name in args.models.split(","):
         run_model(model_name, args, runtimes, batch_sizes, result)
         if not args.export_only:  # what is done so far, in case a later model fails
@@ -526,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-images", type=int, default=8, help="CIFAR-10 training images of the check batch")
     parser.add_argument("--min-cosine", type=float, default=0.99,
                         help="flag an int8 graph whose output cosine on the check batch is below this")
+    parser.add_argument("--keep-other-models", action="store_true",
+                        help="keep the models of the existing --out that this run does not measure (each model "
+                             "records its own command and size)")
     parser.add_argument("--export-only", action="store_true",
                         help="only fill --cache with the exported graphs (e.g. before a timed run)")
     parser.add_argument("--ort-dynamic", action="store_true", help="also ONNX Runtime's dynamic int8 graph")
