@@ -34,7 +34,9 @@ process on the same random batch: ``--warmup`` calls each, then ``--rounds`` rou
 calls per timing at small batches, ``--min-time`` seconds of the first, unreduced float32, variant), the order
 rotated every round; the median images/s. Reported: the speed-up against the same runtime's unreduced float32
 (for int8: int8 and reduction combined) and against the same runtime's unreduced model of the same precision
-(the reduction alone), and the latter's share of the GMACs ceiling (unreduced GMACs / the setting's GMACs).
+(the reduction alone), each the median over rounds of the ratio within a round (paired: a load change of the
+shared machine hits both sides of a round alike), and the latter's share of the GMACs ceiling (unreduced GMACs /
+the setting's GMACs).
 
 Accuracy (the classifier only): top-1 on the first ``--images`` frontier images (the first 200 CIFAR-10 test
 images of each class, sorted names, taken class by class in turn so that every N is balanced; 2,000 = the whole
@@ -248,8 +250,9 @@ def openvino_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarr
 
 
 def time_group(runners: dict[str, Callable[[np.ndarray], Any]], batch: np.ndarray, rounds: int, warmup: int,
-               min_time: float, progress: tqdm | None = None) -> dict[str, dict[str, float]]:
-    """Median images/s (min, max) of every runner on ``batch``: warm-up, then interleaved rounds, order rotated."""
+               min_time: float, progress: tqdm | None = None) -> dict[str, dict[str, Any]]:
+    """Images/s of every runner on ``batch``, per round: warm-up, then interleaved rounds with the order rotated;
+    the median (min, max) and every round's rate, so that ratios can be taken round by round."""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
@@ -267,8 +270,15 @@ def time_group(runners: dict[str, Callable[[np.ndarray], Any]], batch: np.ndarra
             rates[name].append(calls * batch.shape[0] / (time.perf_counter() - start))
         if progress is not None:
             progress.update(1)
-    return {name: {"images_per_s": statistics.median(r), "min": min(r), "max": max(r), "calls_per_timing": calls}
-            for name, r in rates.items()}
+    return {name: {"images_per_s": statistics.median(r), "min": min(r), "max": max(r), "calls_per_timing": calls,
+                   "rounds": r} for name, r in rates.items()}
+
+
+def paired_ratio(timing: dict[str, Any], base: dict[str, Any]) -> float:
+    """The median over rounds of (this variant's rate / the base's rate in the same round): a load change on a
+    shared machine hits both sides of a round's ratio alike, where a ratio of two medians can mix slow and fast
+    rounds."""
+    return statistics.median(a / b for a, b in zip(timing["rounds"], base["rounds"], strict=True))
 
 
 def predict(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -366,16 +376,15 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
             named = {"float32|unreduced": named.pop("float32|unreduced"), **named}  # the calls count comes from it
             with tqdm(total=args.rounds, desc=f"{model_name} {runtime} batch {batch_size}", file=sys.stdout) as bar:
                 timings = time_group(named, batch, args.rounds, args.warmup, args.min_time, bar)
-            base = timings["float32|unreduced"]["images_per_s"]
             for name, timing in timings.items():
                 precision, label = name.split("|", 1)
                 ceiling = info["settings"][label]["ceiling"]
                 same = timings.get(f"{precision}|unreduced")
-                reduction = None if same is None else timing["images_per_s"] / same["images_per_s"]
+                reduction = None if same is None else paired_ratio(timing, same)
                 result["speed"].append({
                     "model": model_name, "runtime": runtime, "precision": precision, "setting": label,
                     "batch_size": batch_size, **timing,
-                    "speedup_vs_float32_unreduced": timing["images_per_s"] / base,
+                    "speedup_vs_float32_unreduced": paired_ratio(timing, timings["float32|unreduced"]),
                     "speedup_vs_same_precision_unreduced": reduction, "ceiling": ceiling,
                     "share_of_ceiling": None if reduction is None else reduction / ceiling,
                 })
@@ -452,7 +461,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "calibration": args.calibration, "check_images": args.check_images, "eval_batch": args.eval_batch,
                  "threads": args.threads, "ort_dynamic": args.ort_dynamic},
         "protocol": "per model x runtime x batch size, every setting and precision timed interleaved in one process "
-                    "on the same random batch (warm-up, then rounds with the order rotated; median images/s)",
+                    "on the same random batch (warm-up, then rounds with the order rotated; median images/s; "
+                    "speed-ups = median over rounds of the ratio within a round)",
         "environment": {**environment(), "cpu": cpu_name(), "onnxruntime": onnxruntime.__version__,
                         "openvino": openvino.__version__, "timm": timm.__version__,
                         "onnxruntime_session": "CPUExecutionProvider, graph optimisation all, sequential, "
