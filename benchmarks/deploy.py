@@ -396,11 +396,15 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
                                    f"{FRONTIER_PER_CLASS} per class, sorted names), taken class by class in turn")
         labels_np = labels.numpy()
         reference = runners.get(("eager", "float32", "unreduced")) or eager_runner(floats["unreduced"])
-        base_pred = predict(reference, images, args.eval_batch).argmax(-1)
+        eval_batch = args.eval_batch or max(batch_sizes)  # default: a batch size the timings already ran
+        base_pred = predict(reference, images, eval_batch).argmax(-1)
         preds = {}
-        for (runtime, precision, label), run in tqdm(runners.items(), desc=f"{model_name}: accuracy",
-                                                     file=sys.stdout):
-            pred = preds[(runtime, precision, label)] = predict(run, images, args.eval_batch).argmax(-1)
+        for runtime, precision, label in tqdm(list(runners), desc=f"{model_name}: accuracy", file=sys.stdout):
+            # Each runner is freed once evaluated: ONNX Runtime's arenas and OpenVINO's per-shape buffers of 36
+            # variants together outgrew this machine's 23 GB in a run that kept them all.
+            run = runners.pop((runtime, precision, label))
+            pred = preds[(runtime, precision, label)] = predict(run, images, eval_batch).argmax(-1)
+            del run
             result["accuracy"].append({
                 "model": model_name, "runtime": runtime, "precision": precision, "setting": label,
                 "images": len(images), "top1": 100.0 * float((pred == labels_np).mean()),
@@ -551,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds per timing of the unreduced float32 variant (several calls at small batches)")
     parser.add_argument("--images", type=int, default=2000,
                         help="frontier images for accuracy (classifier), at most 2000; 0: no accuracy")
-    parser.add_argument("--eval-batch", type=int, default=50, help="batch size of the accuracy pass")
+    parser.add_argument("--eval-batch", type=int, default=None,
+                        help="batch size of the accuracy pass (default the largest of --batch-sizes)")
     parser.add_argument("--calibration", type=int, default=64, help="CIFAR-10 training images to calibrate int8")
     parser.add_argument("--check-images", type=int, default=8, help="CIFAR-10 training images of the check batch")
     parser.add_argument("--min-cosine", type=float, default=0.99,
