@@ -1,25 +1,25 @@
 """The ops each method's reduction adds per reducing block do not regress (batch-1 latency is launch-bound: every
 small op counts; ``benchmarks/op_counts.py`` measures DeiT-S and ``docs/export.md`` has the table).
 
-Every aten op of one forward pass of a small ViT at batch 1 is counted (a ``TorchDispatchMode``), for the method
-and for the same model whose reductions are a plain slice to the method's token counts (``SameTokenCounts``,
-as ``benchmarks/batch1_bound.py``); the difference per reducing block must stay at or below the counts after
-the cuts of issue 24. A change that adds ops to a reduction step fails here: lower the limit when you cut more,
-and raise it only with a reason. (Counts are of this torch version's dispatch; a torch upgrade may move them.)
+Every aten op of one forward pass of a small ViT at batch 1 is counted (``benchmarks/op_counts.py``'s counter),
+for the method and for the same model whose reductions are a plain slice to the method's token counts
+(``SameTokenCounts`` of ``benchmarks/batch1_bound.py``); the difference per reducing block must stay at or below
+the counts after the cuts of issue 24. A change that adds ops to a reduction step fails here: lower the limit
+when you cut more, and raise it only with a reason. (Counts are of this torch version's dispatch; a torch upgrade
+may move them.)
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce as tr
-from tokenreduce.core.state import TokenState
-from tokenreduce.methods.base import Method, Plan
 
 # case -> (method, options, the most ops added per reducing block at batch 1; before the cuts in brackets)
 LIMITS = {
@@ -33,41 +33,21 @@ LIMITS = {
     "ppt pool": ("ppt", dict(r=3, layers=(1, 3), threshold=float("inf")), 33.5),  # [48.5]
 }
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-class SameTokenCounts(Method):
-    """Another method's plan, each reduction a slice to its token count (no reduction work)."""
-
-    name = "same-token-counts"
-
-    def __init__(self, inner: Method) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def plan(self, num_tokens: int, num_prefix: int, depth: int) -> Plan:
-        return self.inner.plan(num_tokens, num_prefix, depth)
-
-    def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
-        return state.replace(x=state.x[:, : state.extras["tokens_out"][block]].contiguous())
-
-    def begin(self, state: TokenState, plan: Plan) -> TokenState:
-        return state.replace(extras={**state.extras, "tokens_out": plan.tokens_out})
+def op_counts_script():
+    """benchmarks/op_counts.py (its counter, and batch1_bound's SameTokenCounts): one definition of both."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # op_counts imports batch1_bound and before_after beside it
+    try:
+        spec = importlib.util.spec_from_file_location("op_counts_benchmark", folder / "op_counts.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
 
 
 def count(model: torch.nn.Module, images: torch.Tensor) -> int:
-    with torch.inference_mode():
-        model(images)  # caches (plans, GTP's spatial graph) filled outside the count
-        with OpCounter() as counter:
-            model(images)
-    return sum(counter.counts.values())
+    return sum(op_counts_script().count_ops(model, images).values())
 
 
 def test_every_method_is_covered():
@@ -83,7 +63,7 @@ def test_ops_added_per_reduction_step_do_not_regress(case):
     images = torch.randn(1, 3, 64, 64)
     reduced = tr.patch(make(), method, **options)
     inner = tr.method_of(reduced)
-    bound = tr.patch(make(), SameTokenCounts(inner))
+    bound = tr.patch(make(), op_counts_script().SameTokenCounts(inner))
     plan = inner.plan(17, 1, 4)
     steps = sum(1 for amount in plan.amounts if amount)
     added = (count(reduced, images) - count(bound, images)) / steps
