@@ -1,0 +1,92 @@
+"""benchmarks/int8_recipes.py: SmoothQuant's rewrite leaves the float model's outputs unchanged (and does change its
+weights), the layer selection quantizes exactly the layers named, and the whole study runs at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import shared_file
+
+TINY = "depth=4,embed_dim=32,num_heads=2,img_size=56"
+
+
+@pytest.fixture(scope="module")
+def recipes_module():
+    folder = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # int8_recipes imports deploy beside it
+    try:
+        spec = importlib.util.spec_from_file_location("int8_recipes_benchmark", folder / "int8_recipes.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, depth=2, embed_dim=32,
+                              num_heads=2, img_size=28).eval()
+    with torch.no_grad():  # LayerNorm affine and biases away from 1 / 0, so that a wrong fold shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "qkv.bias")):
+                p.copy_(torch.rand_like(p) + 0.5)
+    return model
+
+
+def test_smoothquant_is_an_exact_rewrite_in_float(recipes_module):
+    model = tiny_classifier()
+    images = torch.randn(6, 3, 28, 28)
+    smoothed = recipes_module.smooth(model, images[:4], alpha=0.7)
+    assert not torch.equal(smoothed.blocks[0].norm1.weight, model.blocks[0].norm1.weight)
+    assert not torch.equal(smoothed.blocks[1].attn.proj.weight, model.blocks[1].attn.proj.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(smoothed(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_flattens_the_channel_maxima(recipes_module):
+    model = tiny_classifier()
+    images = torch.randn(8, 3, 28, 28)
+    before = recipes_module.input_maxima(model, images)["blocks.0.mlp.fc1"]
+    after = recipes_module.input_maxima(recipes_module.smooth(model, images, alpha=0.5), images)["blocks.0.mlp.fc1"]
+    assert after.max() / after.min() < before.max() / before.min()
+
+
+def test_layer_selection(recipes_module):
+    model = tiny_classifier()
+    quantized = recipes_module.quantize(model, True, only="fc2")
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    kinds = {name: isinstance(m, dynamic) for name, m in quantized.named_modules() if name in
+             recipes_module.linear_names(model)}
+    assert kinds == {name: name.endswith("fc2") for name in recipes_module.linear_names(model)}
+    quantized = recipes_module.quantize(model, False, ("fc2", "head"))
+    kinds = {name: isinstance(m, dynamic) for name, m in quantized.named_modules() if name in
+             recipes_module.linear_names(model)}
+    assert kinds == {name: not name.endswith(("fc2", "head")) for name in recipes_module.linear_names(model)}
+
+
+@pytest.mark.skipif(shared_file("data", "cifar10", "test") is None, reason="no shared CIFAR-10 images here")
+def test_the_study_at_a_tiny_size(recipes_module, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert recipes_module.main(["--model-kwargs", TINY, "--images", "4", "--calibration", "4", "--threads", "1",
+                                "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = [r["recipe"] for r in result["recipes"]]
+    assert "per-tensor" in names and "SmoothQuant 0.7, per-channel" in names and "only fc2" in names
+    assert result["best_recipe"] in names and not result["best_recipe"].startswith("only ")
+    assert result["images"] == 4
+    for row in result["recipes"]:
+        assert 0 <= row["top1"] <= 100 and 0 <= row["agreement_with_float32"] <= 100
+        assert -1.0 <= row["cosine_with_float32"] <= 1.0 + 1e-6
+    assert result["methods"], result["failed"]
+    for entry in result["methods"]:
+        assert entry["float32"]["agreement_with_float32"] == 100.0
+        assert {"per-tensor", result["best_recipe"]} <= set(entry)
+    assert "| recipe |" in capsys.readouterr().out
+    assert recipes_module.main(["--out", str(out), "--table"]) == 0
