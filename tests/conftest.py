@@ -82,3 +82,20 @@ def model_case(request):
 def pytest_configure(config):
     # .ci/lowest runs `-m floor` (on three families) against the lowest torch / timm that pyproject.toml declares.
     config.addinivalue_line("markers", "floor: the fast subset .ci/lowest runs at the lowest declared torch and timm")
+
+
+def benchmark_script(filename: str):
+    """A script of benchmarks/ loaded as a module, with benchmarks/ on sys.path while it loads (the scripts import
+    their neighbours: op_counts imports batch1_bound, int8_recipes imports deploy)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{Path(filename).stem}_benchmark", folder / filename)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module

@@ -3,30 +3,19 @@ weights), the layer selection quantizes exactly the layers named, and the whole 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import shared_file
+from conftest import benchmark_script, shared_file
 
 TINY = "depth=4,embed_dim=32,num_heads=2,img_size=56"
 
 
 @pytest.fixture(scope="module")
 def recipes_module():
-    folder = Path(__file__).parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))  # int8_recipes imports deploy beside it
-    try:
-        spec = importlib.util.spec_from_file_location("int8_recipes_benchmark", folder / "int8_recipes.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    return benchmark_script("int8_recipes.py")
 
 
 def tiny_classifier() -> torch.nn.Module:

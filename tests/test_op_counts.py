@@ -11,13 +11,10 @@ may move them.)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from conftest import benchmark_script
 
 import tokenreduce as tr
 
@@ -35,15 +32,7 @@ LIMITS = {
 
 def op_counts_script():
     """benchmarks/op_counts.py (its counter, and batch1_bound's SameTokenCounts): one definition of both."""
-    folder = Path(__file__).parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))  # op_counts imports batch1_bound and before_after beside it
-    try:
-        spec = importlib.util.spec_from_file_location("op_counts_benchmark", folder / "op_counts.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    return benchmark_script("op_counts.py")
 
 
 def count(model: torch.nn.Module, images: torch.Tensor) -> int:
