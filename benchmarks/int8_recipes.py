@@ -42,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deploy import FRONTIER_PER_CLASS, build_model, cifar_images, parse_kwargs, settings_for, training_free_methods
+from deploy import (
+    FRONTIER_PER_CLASS,
+    build_model,
+    cifar_images,
+    int8_eager,
+    parse_kwargs,
+    settings_for,
+    training_free_methods,
+)
 from tqdm import tqdm
 
 import tokenreduce as tr
@@ -56,13 +64,11 @@ def linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def quantize(model: torch.nn.Module, per_channel: bool, float_layers: tuple[str, ...] = (),
-             only: str | None = None) -> torch.nn.Module:
-    """A dynamically quantized copy: every ``nn.Linear`` except those whose name ends with one of
-    ``float_layers`` (or, with ``only``, just those ending with it)."""
-    config = (torch.ao.quantization.per_channel_dynamic_qconfig if per_channel
-              else torch.ao.quantization.default_dynamic_qconfig)
-    chosen = {name: config for name in linear_names(model)
+def quantize(model: torch.nn.Module, float_layers: tuple[str, ...] = (), only: str | None = None) -> torch.nn.Module:
+    """A dynamically quantized copy with one weight scale per output channel: every ``nn.Linear`` except those
+    whose name ends with one of ``float_layers`` (or, with ``only``, just those ending with it). The per-tensor
+    recipe is ``deploy.int8_eager``, what the serving table runs."""
+    chosen = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name in linear_names(model)
               if (name.endswith(only) if only else not name.endswith(float_layers or ("\0",)))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (-> torchao)
@@ -120,16 +126,16 @@ def recipes(model: torch.nn.Module, calibration: torch.Tensor) -> dict[str, Any]
     """name -> a function making the int8 model of ``model`` (unreduced or patched) in that recipe."""
     smoothed = {alpha: (lambda m, alpha=alpha: smooth(m, calibration, alpha)) for alpha in (0.5, 0.7)}
     out: dict[str, Any] = {
-        "per-tensor": lambda m: quantize(m, False),
-        "per-channel": lambda m: quantize(m, True),
-        "per-channel, fc2 float": lambda m: quantize(m, True, ("fc2",)),
-        "per-channel, fc2 + head float": lambda m: quantize(m, True, ("fc2", "head")),
-        "SmoothQuant 0.5, per-channel": lambda m: quantize(smoothed[0.5](m), True),
-        "SmoothQuant 0.7, per-channel": lambda m: quantize(smoothed[0.7](m), True),
-        "SmoothQuant 0.7, per-channel, fc2 float": lambda m: quantize(smoothed[0.7](m), True, ("fc2",)),
+        "per-tensor": int8_eager,
+        "per-channel": quantize,
+        "per-channel, fc2 float": lambda m: quantize(m, ("fc2",)),
+        "per-channel, fc2 + head float": lambda m: quantize(m, ("fc2", "head")),
+        "SmoothQuant 0.5, per-channel": lambda m: quantize(smoothed[0.5](m)),
+        "SmoothQuant 0.7, per-channel": lambda m: quantize(smoothed[0.7](m)),
+        "SmoothQuant 0.7, per-channel, fc2 float": lambda m: quantize(smoothed[0.7](m), ("fc2",)),
     }
     for kind in LAYER_KINDS:
-        out[f"only {kind}"] = lambda m, kind=kind: quantize(m, True, only=kind)
+        out[f"only {kind}"] = lambda m, kind=kind: quantize(m, only=kind)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "floor: the fast subset .ci/lowest runs at the lowest declared torch and timm")
 
 
+@functools.cache
 def benchmark_script(filename: str):
     """A script of benchmarks/ loaded as a module, with benchmarks/ on sys.path while it loads (the scripts import
-    their neighbours: op_counts imports batch1_bound, int8_recipes imports deploy)."""
+    their neighbours: op_counts imports batch1_bound, int8_recipes imports deploy); loaded once per session."""
     import importlib.util
     import sys
 

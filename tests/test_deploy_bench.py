@@ -4,15 +4,13 @@ runs the same code (only its builder differs, checked apart)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from conftest import benchmark_script, shared_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,11 +26,7 @@ TINY = ["--models", "classifier", "--methods", "tome",
 
 
 def deploy_script():
-    path = Path(__file__).parents[1] / "benchmarks" / "deploy.py"
-    spec = importlib.util.spec_from_file_location("deploy_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("deploy.py")
 
 
 def test_deploy_benchmark_at_a_tiny_size(tmp_path, capsys):

@@ -22,9 +22,11 @@ def tiny_classifier() -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, depth=2, embed_dim=32,
                               num_heads=2, img_size=28).eval()
-    with torch.no_grad():  # LayerNorm affine and biases away from 1 / 0, so that a wrong fold shows
+    # LayerNorm affine, biases and LayerScale (DINOv2 starts it at 1e-5) away from 1 / 0, so that a wrong fold shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "qkv.bias")):
+            if name.endswith(("norm1.weight", "norm2.weight", "norm1.bias", "norm2.bias", "qkv.bias",
+                                   "ls1.gamma", "ls2.gamma")):
                 p.copy_(torch.rand_like(p) + 0.5)
     return model
 
@@ -49,12 +51,12 @@ def test_smoothquant_flattens_the_channel_maxima(recipes_module):
 
 def test_layer_selection(recipes_module):
     model = tiny_classifier()
-    quantized = recipes_module.quantize(model, True, only="fc2")
+    quantized = recipes_module.quantize(model, only="fc2")
     dynamic = torch.ao.nn.quantized.dynamic.Linear
     kinds = {name: isinstance(m, dynamic) for name, m in quantized.named_modules() if name in
              recipes_module.linear_names(model)}
     assert kinds == {name: name.endswith("fc2") for name in recipes_module.linear_names(model)}
-    quantized = recipes_module.quantize(model, False, ("fc2", "head"))
+    quantized = recipes_module.quantize(model, ("fc2", "head"))
     kinds = {name: isinstance(m, dynamic) for name, m in quantized.named_modules() if name in
              recipes_module.linear_names(model)}
     assert kinds == {name: not name.endswith(("fc2", "head")) for name in recipes_module.linear_names(model)}

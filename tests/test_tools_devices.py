@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
+from conftest import benchmark_script
 from PIL import Image
 
 from tokenreduce.cli import main
@@ -112,13 +113,7 @@ def test_speed_benchmark_rejects_unknown_device(capsys):
 
 
 def _speed_script():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("speed.py")
 
 
 # --- device-dependent choices ------------------------------------------------------------------------------
