@@ -16,10 +16,11 @@ quantized per call, fbgemm), each on the unreduced model:
 - ``per-channel``: one weight scale per output channel;
 - ``... fc2 float`` / ``... fc2 + head float``: the MLPs' second layer (its input, after GELU, has the widest
   range) and the classifier head kept in float32;
-- ``SmoothQuant a``: Xiao et al. 2023: per input channel ``s = max|x|^a / max|w|^(1-a)`` (maxima over
-  ``--calibration`` CIFAR-10 *training* images), the activation divided by ``s`` and the weight multiplied by it,
-  an exact rewrite in float: folded into ``norm1`` -> ``qkv``, ``norm2`` -> ``fc1`` and the values -> ``proj``
-  (``fc2``'s input follows GELU, so nothing can be folded there);
+- ``SmoothQuant a``: Xiao et al. 2023, ``tokenreduce.smoothquant.smooth_quant`` (what ``tr.export_onnx``'s
+  ``"smooth"`` recipe runs): per input channel ``s = max|x|^a / max|w|^(1-a)`` (maxima over ``--calibration``
+  CIFAR-10 *training* images), the activation divided by ``s`` and the weight multiplied by it, an exact rewrite
+  in float: folded into ``norm1`` -> ``qkv``, ``norm2`` -> ``fc1`` and (not for PPT, which ranks by the values'
+  norms) the values -> ``proj`` (``fc2``'s input follows GELU, so nothing can be folded there);
 - ``only <layer>``: only that kind of layer quantized (per-channel): where the loss comes from.
 
 Then every training-free method at ``--level`` x the unreduced GMACs (``tr.schedule_for_flops``), in float32, in
@@ -54,7 +55,9 @@ from deploy import (
 from tqdm import tqdm
 
 import tokenreduce as tr
+from tokenreduce.export import reads_value_norms
 from tokenreduce.measure.speed import environment
+from tokenreduce.smoothquant import smooth_quant
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "int8_recipes.json"
 LAYER_KINDS = ("qkv", "proj", "fc1", "fc2", "head")
@@ -75,56 +78,10 @@ def quantize(model: torch.nn.Module, float_layers: tuple[str, ...] = (), only: s
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), chosen, dtype=torch.qint8)
 
 
-@torch.inference_mode()
-def input_maxima(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per ``nn.Linear``: the largest |input| of every input channel over ``images``."""
-    maxima: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def hook(_module, inputs, _output, name=name):
-                peak = inputs[0].abs().flatten(0, -2).amax(0)
-                maxima[name] = torch.maximum(maxima[name], peak) if name in maxima else peak
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        for chunk in images.split(16):
-            model(chunk)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return maxima
-
-
-def smooth(model: torch.nn.Module, images: torch.Tensor, alpha: float) -> torch.nn.Module:
-    """SmoothQuant's rewrite of a timm ViT (a copy): equal outputs in float, flatter int8 inputs."""
-    model = copy.deepcopy(model)
-    maxima = input_maxima(model, images)
-
-    def scale(name: str, weight: torch.Tensor) -> torch.Tensor:
-        return (maxima[name].clamp(min=1e-5) ** alpha / weight.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)
-                ).clamp(min=1e-5)
-
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            attn, mlp = block.attn, block.mlp
-            for norm, linear, name in ((block.norm1, attn.qkv, f"blocks.{i}.attn.qkv"),
-                                       (block.norm2, mlp.fc1, f"blocks.{i}.mlp.fc1")):
-                s = scale(name, linear.weight)
-                norm.weight.div_(s)
-                norm.bias.div_(s)
-                linear.weight.mul_(s)
-            # attention is linear in the values: scale v's output channels down and proj's inputs up
-            s = scale(f"blocks.{i}.attn.proj", attn.proj.weight)
-            dim = attn.proj.in_features
-            attn.qkv.weight[2 * dim:].div_(s.unsqueeze(1))
-            attn.qkv.bias[2 * dim:].div_(s)
-            attn.proj.weight.mul_(s)
-    return model
-
-
 def recipes(model: torch.nn.Module, calibration: torch.Tensor) -> dict[str, Any]:
     """name -> a function making the int8 model of ``model`` (unreduced or patched) in that recipe."""
-    smoothed = {alpha: (lambda m, alpha=alpha: smooth(m, calibration, alpha)) for alpha in (0.5, 0.7)}
+    smoothed = {alpha: (lambda m, alpha=alpha: smooth_quant(m, calibration, alpha, values=not reads_value_norms(m)))
+                for alpha in (0.5, 0.7)}
     out: dict[str, Any] = {
         "per-tensor": int8_eager,
         "per-channel": quantize,

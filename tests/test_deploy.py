@@ -148,7 +148,7 @@ def test_cli_openvino_int8(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     described = "ppt(r=2, layers=(1,)) at 32x32, batch dynamic"
-    assert f"wrote {out} (OpenVINO IR, int8 static, from onnx): {described}" in printed
+    assert f"wrote {out} (OpenVINO IR, int8 static smooth, from onnx): {described}" in printed
     assert "int8 vs float PyTorch on random images: mean output cosine 0.99" in printed
     data = json.loads(report.read_text())
     assert data["format"] == "openvino" and data["int8"] == "static" and data["cosine"] >= 0.99
@@ -160,7 +160,7 @@ def test_cli_int8_flag_alone_is_dynamic(tmp_path, capsys):
     out = tmp_path / "tome.onnx"
     assert main(["export", *TINY_CLI, "--method", "tome", "--r", "2", "--int8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out} (ONNX, int8 dynamic): tome(r=2) at 32x32, batch dynamic, opset 18" in printed
+    assert f"wrote {out} (ONNX, int8 dynamic smooth): tome(r=2) at 32x32, batch dynamic, opset 18" in printed
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -14,9 +14,12 @@ need help, only while exporting:
 
 int8: ``int8="dynamic"`` or ``"static"`` quantizes the checked float graph's matrix products (``MatMul``/``Gemm``,
 signed int8 weights) with ONNX Runtime's quantization tools; ``"static"`` calibrates the activations on
-``calibration`` images (QDQ format, which OpenVINO also runs as int8). The int8 graph is checked against the float
-PyTorch model on the check images (mean cosine of the outputs >= ``min_cosine``, top-1 agreement reported) before
-it is written. The methods' choices (similarities, attention) are computed inside the graph, from int8 products.
+``calibration`` images (QDQ format, which OpenVINO also runs as int8). ``int8_recipe`` says which products and how:
+``"smooth"`` (default: SmoothQuant's rewrite, then the linear layers per output channel, an MLP's second layer in
+float), ``"per-channel"`` or ``"per-tensor"`` (every product, attention's too). The int8 graph is checked against
+the float PyTorch model on the check images (mean cosine of the outputs >= ``min_cosine``, top-1 agreement
+reported) before it is written. The methods' choices (similarities, attention) are computed inside the graph: in
+float under the two linear-layer recipes, from int8 products under ``"per-tensor"``.
 
 One option cannot be exported: GTP's ``selection="random"`` (an ablation) draws its scores from a
 ``torch.Generator``, which no ONNX graph reproduces; it is refused with an ``InputError``.
@@ -32,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import os
@@ -48,8 +52,11 @@ from torch import nn
 from .adapters import call
 from .api import method_of
 from .core.errors import InputError, InputTypeError, require
+from .methods.base import Plan
+from .smoothquant import after_activation_linears, smooth_quant
 
-__all__ = ["DEFAULT_OPSET", "INT8_MODES", "OnnxExport", "default_img_size", "export_onnx", "onnx_session"]
+__all__ = ["DEFAULT_INT8_RECIPE", "DEFAULT_OPSET", "INT8_MODES", "INT8_RECIPES", "OnnxExport", "default_img_size",
+           "export_onnx", "onnx_session"]
 
 EXTRA = "export"
 #: ONNX opset of the exported graphs: onnxscript's own, run by onnxruntime >= 1.14.
@@ -57,10 +64,21 @@ DEFAULT_OPSET = 18
 #: Largest model written as one file; a larger one keeps its weights in ``<path>.data`` (protobuf's 2 GB limit).
 SINGLE_FILE_BYTES = 1_800_000_000
 INPUT_NAME = "images"
+#: More blocks than any model has: asking a method what it needs at every block.
+MAX_BLOCKS = 256
 #: int8 quantization of the exported graph: weights only, activations at run time ("dynamic"), or both calibrated.
 INT8_MODES = ("dynamic", "static")
-#: Quantized: the matrix products (every linear layer and attention product); the rest stays float32.
+#: Quantized: matrix products (which of them: the recipe); the rest stays float32.
 INT8_OPS = ("MatMul", "Gemm")
+#: int8 recipes: name -> (linear layers only, one weight scale per output channel, the Linear layers fed by an
+#: activation kept in float, SmoothQuant's alpha or None). "per-tensor" is the first recipe (every matrix product,
+#: attention's included, one scale per weight); "smooth" keeps the benchmark classifier within 0.5 top-1 points.
+INT8_RECIPES: dict[str, tuple[bool, bool, bool, float | None]] = {
+    "smooth": (True, True, True, 0.7),
+    "per-channel": (True, True, False, None),
+    "per-tensor": (False, False, False, None),
+}
+DEFAULT_INT8_RECIPE = "smooth"
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class OnnxExport:
     int8: str | None = None  # "dynamic" / "static" quantization, None for float32
     cosine: float | None = None  # int8: mean cosine of the outputs against float PyTorch on the check images
     agreement: float | None = None  # int8: share of check images whose top-1 (argmax of the output) agrees
+    int8_recipe: str | None = None  # int8: the recipe (a key of INT8_RECIPES)
 
 
 def _require_extra(check: bool) -> None:
@@ -197,7 +216,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
                 batch_size: int | None = None, opset: int = DEFAULT_OPSET, images: torch.Tensor | None = None,
                 check: bool = True, atol: float = 1e-4,
                 predict: Callable[[nn.Module, torch.Tensor], Any] | None = None, int8: str | None = None,
-                calibration: torch.Tensor | None = None, min_cosine: float = 0.99) -> OnnxExport:
+                calibration: torch.Tensor | None = None, min_cosine: float = 0.99,
+                int8_recipe: str = DEFAULT_INT8_RECIPE) -> OnnxExport:
     """Export ``model`` (as patched now; an STViT build; or plain) to the ONNX file ``path`` and check it.
 
     Args:
@@ -219,7 +239,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             quantized by ONNX Runtime; the int8 graph is written only when its outputs' mean cosine against
             PyTorch's float outputs on the check images is at least ``min_cosine``.
         calibration: ``"static"``: the calibration batch (e.g. 32-256 real photos, preprocessed); default the
-            check images.
+            check images. The ``"smooth"`` recipe takes its input ranges from it too.
+        min_cosine: int8: the least mean cosine of the int8 graph's outputs against float PyTorch.
+        int8_recipe: which matrix products are quantized and how (``INT8_RECIPES``): ``"smooth"`` (default)
+            folds SmoothQuant's scales (alpha 0.7, from the calibration images) into the LayerNorms and values
+            before the export (an exact rewrite in float), then quantizes only the linear layers, one weight
+            scale per output channel, keeping those fed by an activation (an MLP's second layer) in float;
+            ``"per-channel"``: every linear layer, one scale per output channel, no rewrite; ``"per-tensor"``:
+            every matrix product (attention's too), one scale per weight: the fastest, and on the benchmark
+            classifier 6 top-1 points below float32 where ``"smooth"`` stays within 0.5 (docs/export.md).
 
     Returns:
         An :class:`OnnxExport` (path, sizes, opset, input and output names, largest difference found).
@@ -234,6 +262,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
         raise InputError(f"unknown int8 mode {int8!r}; valid: {', '.join(INT8_MODES)} (or None for float32)")
     if not (isinstance(min_cosine, int | float) and -1 <= min_cosine <= 1):
         raise InputError(f"min_cosine must be a number in [-1, 1], got {min_cosine!r}")
+    if int8_recipe not in INT8_RECIPES:
+        raise InputError(f"unknown int8_recipe {int8_recipe!r}; valid: {', '.join(INT8_RECIPES)}")
     if int8 is not None and not check:
         raise InputError("an int8 export is always checked against the float model; drop check=False")
     if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: export the model inside
@@ -248,7 +278,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     refuse_unexportable(model)
     in_chans = input_channels(model)
     check_images = prepare_check_images(images, size, batch_size, in_chans)
-    if int8 == "static":
+    linear_only, per_channel, float_after_activation, alpha = INT8_RECIPES[int8_recipe]
+    if int8 == "static" or (int8 is not None and (alpha is not None or float_after_activation)):
         calibration = check_images if calibration is None \
             else prepare_check_images(calibration, size, batch_size, in_chans)
     path = Path(path)
@@ -259,6 +290,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
     net = model if predict is None or predict is call else Predicting(model, predict)
 
     with eval_mode(net):
+        exported, float_layers = net, ()
+        if int8 is not None and float_after_activation:
+            float_layers = tuple(sorted(after_activation_linears(net, calibration[:2].to(device))))
+        if int8 is not None and alpha is not None:  # the float graph is exported from the rewritten copy
+            exported = smooth_quant(net, calibration.to(device), alpha, values=not reads_value_norms(model))
         try:
             with torch.inference_mode():
                 reference = _flat(net(example))
@@ -276,7 +312,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")  # the exporter's progress lines and warnings
-                    torch.onnx.export(net, (example,), str(staged), dynamo=True, opset_version=opset,
+                    torch.onnx.export(exported, (example,), str(staged), dynamo=True, opset_version=opset,
                                       input_names=[INPUT_NAME], output_names=list(output_names),
                                       dynamic_shapes=dynamic, custom_translation_table=_translations(),
                                       external_data=big, verbose=False)
@@ -289,14 +325,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
             if check:
                 batches = (check_images.shape[0],) if batch_size is not None or check_images.shape[0] == 1 \
                     else (check_images.shape[0], 1)
-                diff = _compare(net, staged, check_images, batches, device)
+                diff = _compare(exported, staged, check_images, batches, device)
                 if diff > atol:
                     raise RuntimeError(f"the exported graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) "
                                        f"on the check images; nothing written")
             cosine = agreement = None
             if int8 is not None:
                 quantized = Path(folder) / path.name
-                quantize_onnx(staged, quantized, int8, calibration, big)
+                quantize_onnx(staged, quantized, int8, calibration, big, int8_recipe, float_layers)
                 expected = float_outputs(net, check_images, device)
                 got = onnx_session(quantized).run(None, {INPUT_NAME: check_images.numpy()})
                 cosine, agreement = output_agreement(expected, got)
@@ -308,14 +344,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | tuple
                 if staged_file.is_file():
                     os.replace(staged_file, path.parent / staged_file.name)
     return OnnxExport(str(path), size, batch_size, opset, INPUT_NAME, output_names, diff, batches, int8, cosine,
-                      agreement)
+                      agreement, int8_recipe if int8 is not None else None)
 
 
 def quantize_onnx(source: Path, target: Path, mode: str, calibration: torch.Tensor | None = None,
-                  external_data: bool = False) -> None:
+                  external_data: bool = False, recipe: str = "per-tensor", float_layers: tuple[str, ...] = ()
+                  ) -> None:
     """ONNX Runtime's int8 quantization of ``source``'s matrix products into ``target``: ``"dynamic"``
     (``quantize_dynamic``) or ``"static"`` (``quantize_static``, QDQ format, activations calibrated on the
-    ``calibration`` batch, min-max, in batches of at most 16 images)."""
+    ``calibration`` batch, min-max, in batches of at most 16 images). ``recipe`` (``INT8_RECIPES``) says which
+    products and how; ``float_layers``: module names (as in ``named_modules``) whose products stay float.
+    SmoothQuant's rewrite, if the recipe has one, is already in ``source``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -324,8 +363,10 @@ def quantize_onnx(source: Path, target: Path, mode: str, calibration: torch.Tens
         quantize_static,
     )
 
-    common = dict(op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8,
-                  use_external_data_format=external_data)
+    linear_only, per_channel = INT8_RECIPES[recipe][:2]
+    nodes = linear_nodes(source, float_layers) if linear_only or float_layers else None
+    common = dict(op_types_to_quantize=list(INT8_OPS), weight_type=QuantType.QInt8, per_channel=per_channel,
+                  nodes_to_quantize=nodes, use_external_data_format=external_data)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # "please consider to run pre-processing before quantization"
         if mode == "dynamic":
@@ -339,6 +380,25 @@ def quantize_onnx(source: Path, target: Path, mode: str, calibration: torch.Tens
 
         quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, **common)
+
+
+def linear_nodes(path: Path, float_layers: tuple[str, ...] = ()) -> list[str]:
+    """Names of the ``MatMul``/``Gemm`` nodes of the ONNX graph at ``path`` that are linear layers (a weight
+    initializer as second input, not attention's products of two activations), except those the exporter
+    recorded as inside a module named in ``float_layers``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    kept_float = set(float_layers)
+    chosen = []
+    for node in graph.node:
+        if node.op_type not in INT8_OPS or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if not kept_float.intersection(ast.literal_eval(scopes) if scopes.startswith("[") else ()):
+            chosen.append(node.name)
+    return chosen
 
 
 def output_agreement(expected: list[Any], got: list[Any]) -> tuple[float, float]:
@@ -373,6 +433,16 @@ class Predicting(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Any:
         return self.predict(self.model, images)
+
+
+def reads_value_norms(model: nn.Module) -> bool:
+    """Whether the method patched into ``model`` ranks tokens by the values' norms at some block (PPT): then
+    SmoothQuant must not rescale the values."""
+    method = method_of(model)
+    if method is None:
+        return False
+    every_block_reduces = Plan(amounts=(1,) * MAX_BLOCKS, tokens_in=(2,) * MAX_BLOCKS, tokens_out=(1,) * MAX_BLOCKS)
+    return any("value_norm" in method.needs(block, every_block_reduces) for block in range(MAX_BLOCKS))
 
 
 def refuse_unexportable(model: nn.Module) -> None:

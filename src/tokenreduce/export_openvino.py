@@ -35,8 +35,10 @@ from torch import nn
 from .adapters import call
 from .core.errors import InputError, InputTypeError, require
 from .export import (
+    DEFAULT_INT8_RECIPE,
     DEFAULT_OPSET,
     INT8_MODES,
+    INT8_RECIPES,
     Predicting,
     default_img_size,
     eval_mode,
@@ -69,6 +71,7 @@ class OpenVinoExport:
     cosine: float | None  # int8: mean cosine of the outputs against float PyTorch
     agreement: float | None  # int8: share of check images whose top-1 agrees with float PyTorch
     checked_batches: tuple[int, ...]
+    int8_recipe: str | None = None  # int8: the recipe (a key of tokenreduce.export.INT8_RECIPES)
 
 
 def openvino_model(path: str | os.PathLike, threads: int | None = None, device: str = "CPU") -> Any:
@@ -90,7 +93,8 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
                     batch_size: int | None = None, source: str = "onnx", int8: str | None = None,
                     calibration: torch.Tensor | None = None, images: torch.Tensor | None = None,
                     check: bool = True, atol: float = 1e-4, min_cosine: float = 0.99,
-                    predict: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> OpenVinoExport:
+                    predict: Callable[[nn.Module, torch.Tensor], Any] | None = None,
+                    int8_recipe: str = DEFAULT_INT8_RECIPE) -> OpenVinoExport:
     """Export ``model`` (as patched now, or plain) to the OpenVINO IR ``path`` (``.xml``, weights in ``.bin``).
 
     Args:
@@ -102,11 +106,14 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
             the PyTorch model; float32 only).
         int8: None, ``"dynamic"`` or ``"static"``: the ONNX graph's matrix products quantized by ONNX Runtime
             (see :func:`tokenreduce.export_onnx`) and run by OpenVINO in int8.
-        calibration: ``int8="static"``: the calibration batch (default the check images).
+        calibration: ``int8="static"`` (and the ``"smooth"`` recipe's ranges): the calibration batch (default the
+            check images).
         images: the check batch; default random images.
         check: compile the IR on OpenVINO's CPU device and compare with PyTorch: float32 within ``atol``, int8
             with a mean output cosine of at least ``min_cosine``; otherwise a ``RuntimeError`` and nothing written.
         predict: export ``predict(model, images)`` instead of ``model(images)`` (see :func:`tokenreduce.export_onnx`).
+        int8_recipe: ``"smooth"`` (default), ``"per-channel"`` or ``"per-tensor"`` (see
+            :func:`tokenreduce.export_onnx`).
 
     Raises:
         MissingExtraError: openvino (or, from ONNX, onnx / onnxscript / onnxruntime) missing.
@@ -117,6 +124,8 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
         raise InputError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
     if int8 is not None and int8 not in INT8_MODES:
         raise InputError(f"unknown int8 mode {int8!r}; valid: {', '.join(INT8_MODES)} (or None for float32)")
+    if int8_recipe not in INT8_RECIPES:
+        raise InputError(f"unknown int8_recipe {int8_recipe!r}; valid: {', '.join(INT8_RECIPES)}")
     if int8 is not None and source == "torch":
         raise InputError("int8 goes through the ONNX graph (ONNX Runtime's quantization); use source='onnx'")
     if int8 is not None and not check:
@@ -143,7 +152,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
             onnx_path = Path(folder) / "model.onnx"
             export_onnx(model, onnx_path, img_size=size, batch_size=batch_size, opset=DEFAULT_OPSET,
                         images=check_images, check=check, atol=atol, predict=predict, int8=int8,
-                        calibration=calibration, min_cosine=min_cosine)
+                        calibration=calibration, min_cosine=min_cosine, int8_recipe=int8_recipe)
             converted = ov.convert_model(str(onnx_path))
         else:
             converted = _convert_torch(net, size, batch_size, in_chans)
@@ -176,7 +185,8 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int | t
                                    f"(< min_cosine {min_cosine:g}); nothing written")
         for suffix in (".xml", ".bin"):
             os.replace(staged.with_suffix(suffix), path.with_suffix(suffix))
-    return OpenVinoExport(str(path), size, batch_size, source, int8, diff, cosine, agreement, batches)
+    return OpenVinoExport(str(path), size, batch_size, source, int8, diff, cosine, agreement, batches,
+                          int8_recipe if int8 is not None else None)
 
 
 def _convert_torch(model: nn.Module, size: tuple[int, int], batch_size: int | None, in_chans: int) -> Any:

@@ -12,8 +12,10 @@ The image size is fixed in the graph (the model's own, or ``--img-size``); the b
 expects, else random) through the runtime and PyTorch; a difference above ``--atol`` writes nothing.
 
 ``--int8`` (``dynamic``, the default, or ``static``, calibrated on ``--calibration DIR``) quantizes the matrix
-products with ONNX Runtime and writes the graph only if its outputs' mean cosine against the float model stays at
-least ``--min-cosine``. ``--format openvino`` writes ``.xml`` + ``.bin``, converted from the checked ONNX graph
+products with ONNX Runtime in the ``--int8-recipe`` (``smooth``, the default: SmoothQuant's rewrite, then the linear
+layers with one scale per output channel, an MLP's second layer in float; ``per-channel``; ``per-tensor``: every
+product, the fastest, least accurate) and writes the graph only if its outputs' mean cosine against the float model
+stays at least ``--min-cosine``. ``--format openvino`` writes ``.xml`` + ``.bin``, converted from the checked ONNX graph
 (``--source onnx``, the default) or traced from PyTorch (``--source torch``).
 """
 
@@ -25,6 +27,8 @@ from ..core.errors import InputError
 from . import _common
 
 NAME = "export"
+#: tokenreduce.export.INT8_RECIPES's names, default first (not imported here: the parser is built without torch).
+INT8_RECIPE_NAMES = ("smooth", "per-channel", "per-tensor")
 HELP = ("Export a reduced model to ONNX or OpenVINO (float32 or int8, dynamic batch axis) and check it against "
         "PyTorch.")
 
@@ -39,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--format openvino: convert the checked ONNX graph (default) or trace PyTorch")
     parser.add_argument("--int8", nargs="?", const="dynamic", choices=("dynamic", "static"), default=None,
                         help="quantize the matrix products to int8: dynamic (default when given alone) or static")
+    parser.add_argument("--int8-recipe", choices=INT8_RECIPE_NAMES, default=None,
+                        help="--int8: smooth (default: SmoothQuant, linear layers per channel, MLP outputs float), "
+                             "per-channel (linear layers) or per-tensor (every matrix product)")
     parser.add_argument("--calibration", default=None, metavar="DIR",
-                        help="--int8 static: photos to calibrate the activations on (default: the check images)")
+                        help="--int8 static, or the smooth recipe's ranges: photos to calibrate on (default: the "
+                             "check images)")
     parser.add_argument("--calibration-count", type=int, default=64,
                         help="photos of --calibration used (default 64)")
     parser.add_argument("--min-cosine", type=float, default=0.99,
@@ -88,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters import predictor
     from ..api import unwrap
     from ..core.errors import require
-    from ..export import DEFAULT_OPSET, EXTRA, default_img_size
+    from ..export import DEFAULT_INT8_RECIPE, DEFAULT_OPSET, EXTRA, INT8_RECIPES, default_img_size
 
     if args.format == "openvino":
         require("openvino", "openvino")
@@ -101,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
                         ("--calibration-count", args.calibration_count)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be positive, got {value}")
-    if args.calibration and args.int8 != "static":
-        raise InputError("--calibration goes with --int8 static")
+    recipe = args.int8_recipe or DEFAULT_INT8_RECIPE
+    if args.calibration and not (args.int8 == "static" or (args.int8 and INT8_RECIPES[recipe][3] is not None)):
+        raise InputError("--calibration goes with --int8 static or the smooth recipe")
+    if args.int8_recipe and not args.int8:
+        raise InputError("--int8-recipe goes with --int8")
     if args.int8 and args.no_check:
         raise InputError("an int8 export is always checked against the float model; drop --no-check")
     if args.source is not None and args.format != "openvino":
@@ -126,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         calibration = check_batch(prep, args.calibration, args.calibration_count, size)
     common = dict(img_size=size, batch_size=args.batch_size, images=images, check=not args.no_check,
                   atol=args.atol, predict=predict, int8=args.int8, calibration=calibration,
-                  min_cosine=args.min_cosine)
+                  min_cosine=args.min_cosine, int8_recipe=recipe)
     if args.format == "openvino":
         result = tr.export_openvino(model, args.out, source=args.source or "onnx", **common)
         kind, runtime, tail = "OpenVINO IR", "OpenVINO", ""
@@ -134,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         result = tr.export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, **common)
         kind, runtime, tail = "ONNX", "onnxruntime", f", opset {result.opset}"
     batch = "dynamic" if result.batch_size is None else str(result.batch_size)
-    details = [f"int8 {args.int8}"] if args.int8 else []
+    details = [f"int8 {args.int8} {recipe}"] if args.int8 else []
     if args.format == "openvino":
         details.append(f"from {result.source}")
     label = f" ({', '.join([kind, *details])})" if details or args.format != "onnx" else ""

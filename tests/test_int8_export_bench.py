@@ -1,0 +1,57 @@
+"""benchmarks/int8_export.py at a tiny size (the classifier's architecture, random weights): every graph comes from
+``tr.export_onnx``, the JSON holds top-1, agreement and paired speed-ups per recipe, and the table prints."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.util import find_spec
+
+import pytest
+from conftest import benchmark_script, shared_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytestmark = [
+    pytest.mark.skipif(any(find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                       reason="needs the [export] extra"),
+    pytest.mark.skipif(shared_file("data", "cifar10", "test") is None, reason="no shared CIFAR-10 images here"),
+]
+
+
+def test_int8_export_benchmark_at_a_tiny_size(tmp_path, capsys):
+    script = benchmark_script("int8_export.py")
+    out = tmp_path / "e.json"
+    assert script.main(["--model-kwargs", "depth=4,embed_dim=32,num_heads=2,img_size=56", "--methods", "tome",
+                        "--recipes", "smooth,per-tensor", "--images", "4", "--calibration", "4", "--rounds", "1",
+                        "--warmup", "0", "--min-time", "0", "--batch-sizes", "1,2", "--threads", "1",
+                        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["setting"] for row in result["rows"]] == ["unreduced", "tome"], result["failed"]
+    assert result["images"] == 4 and result["mode"] == "dynamic" and result["recipes"] == ["smooth", "per-tensor"]
+    for row in result["rows"]:
+        assert row["float32"]["agreement_with_float32"] == 100.0
+        assert row["float32"]["max_abs_diff_float_graph"] <= 1e-4
+        for recipe in ("smooth", "per-tensor"):
+            assert row[recipe]["top1_delta"] == pytest.approx(row[recipe]["top1"] - row["float32"]["top1"])
+            assert 0 <= row[recipe]["agreement_with_float32"] <= 100 and row[recipe]["check_cosine"] >= 0.9
+        assert set(row["speed"]) == {"1", "2"}
+        for timings in row["speed"].values():
+            assert set(timings) == {"float32", "smooth", "per-tensor"}
+            assert all(t["images_per_s"] > 0 and t["speedup_vs_float32_unreduced"] > 0 for t in timings.values())
+    unreduced = result["rows"][0]["speed"]["1"]
+    assert unreduced["float32"]["speedup_vs_float32_unreduced"] == 1.0  # the base against itself, round by round
+    assert unreduced["smooth"]["speedup_vs_same_precision_unreduced"] == 1.0
+    printed = capsys.readouterr().out
+    assert "| tome |" in printed and f"wrote {out}" in printed
+    assert script.main(["--out", str(out), "--table"]) == 0 and "| unreduced | 100% |" in capsys.readouterr().out
+
+
+def test_unknown_recipe_or_method_is_refused(capsys):
+    script = benchmark_script("int8_export.py")
+    with pytest.raises(SystemExit):
+        script.main(["--recipes", "int4"])
+    assert "unknown --recipes ['int4']; valid: smooth, per-channel, per-tensor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--methods", "tome,stvit"])
+    assert "unknown --methods ['stvit']" in capsys.readouterr().err
