@@ -10,19 +10,21 @@ method at about 65% of the unreduced GMACs, on DeiT-S (random weights: speed onl
 What runs where:
 
 - **eager**: the patched PyTorch model; int8 = ``torch.ao.quantization.quantize_dynamic`` of its ``nn.Linear``
-  layers (int8 weights, activations quantized per call; fbgemm), applied after ``tr.patch``.
+  layers (int8 weights, activations quantized per call; fbgemm / x86), applied after ``tr.patch``, in the
+  ``--int8-recipe`` (default ``smooth``, the library's: SmoothQuant's rewrite, one weight scale per output channel,
+  the Linears fed by an activation kept float; ``per-tensor``: every Linear, one scale each).
 - **onnxruntime** (CPU execution provider, graph optimisation "all", ``tr.export.onnx_session``): the float32
-  graph of ``tr.export_onnx`` (checked against PyTorch on the check batch); int8 = ONNX Runtime's static QDQ
-  quantization of that graph's ``MatMul``/``Gemm`` with activations calibrated (min-max) on ``--calibration``
-  CIFAR-10 *training* images (never the evaluated ones); ``--ort-dynamic`` adds the dynamic int8 graph.
-  The int8 graph is made by ``tokenreduce.export.quantize_onnx`` from the checked float graph, which is what
-  ``tr.export_onnx(int8="static", calibration=...)`` runs after its float export; calling that instead would
-  export every graph twice (two minutes each on this CPU). Its output cosine and top-1 agreement against the
-  float PyTorch model on the check batch are recorded, with a flag where it is below ``--min-cosine`` (the
-  value under which ``tr.export_onnx`` would refuse to write it).
+  graph of ``tr.export_onnx`` (checked against PyTorch on the check batch); int8 = the graph
+  ``tr.export_onnx(int8=--ort-int8, int8_recipe=--int8-recipe, calibration=...)`` writes (default dynamic, as
+  ``tokenreduce export --int8``), calibrated on ``--calibration`` CIFAR-10 *training* images (never the evaluated
+  ones); ``--ort-dynamic`` adds the dynamic graph beside a static one. Under ``--int8-recipe per-tensor`` the int8
+  graph is ``tokenreduce.export.quantize_onnx`` of the checked float graph (no second export). Its output cosine
+  and top-1 agreement against the float PyTorch model on the check batch are recorded, with a flag where it is
+  below ``--min-cosine`` (the value under which ``tr.export_onnx`` would refuse to write it).
 - **openvino** (CPU device, ``tr.export_openvino.openvino_model``: float32 inference-precision hint): the IR
   that ``tr.export_openvino(source="onnx")`` makes, ``openvino.convert_model`` of the same checked float32 ONNX
-  graph (saved with float32 weights); int8 = the IR of the static QDQ graph, which OpenVINO runs in int8.
+  graph (saved with float32 weights); int8 = the IR of the static QDQ graph in the same recipe, which OpenVINO
+  runs in int8.
 
 Schedules: ``tr.schedule_for_flops(model, method, --level x unreduced GMACs)`` per model (as
 ``benchmarks/frontier.py`` finds them); the share reached is recorded. Exports are cached in ``--cache`` by
@@ -75,11 +77,19 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import tokenreduce as tr  # noqa: E402
-from tokenreduce.export import INPUT_NAME, export_onnx, onnx_session, output_agreement, quantize_onnx  # noqa: E402
+from tokenreduce.export import (  # noqa: E402
+    INPUT_NAME,
+    export_onnx,
+    onnx_session,
+    output_agreement,
+    quantize_onnx,
+    reads_value_norms,
+)
 from tokenreduce.measure.checkpoint import load_checkpoint  # noqa: E402
 from tokenreduce.measure.data import data_root, portable_path  # noqa: E402
 from tokenreduce.measure.speed import environment  # noqa: E402
 from tokenreduce.methods.base import _REGISTRY  # noqa: E402
+from tokenreduce.smoothquant import after_activation_linears, smooth_quant  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).parent / "results" / "deploy.json"
@@ -145,6 +155,12 @@ def training_free_methods() -> list[str]:
     return [name for name in tr.methods() if getattr(_REGISTRY[name], "training_free", True)]
 
 
+def method_source_of(function: Any) -> str:
+    import inspect
+
+    return hashlib.sha1(inspect.getsource(sys.modules[function.__module__]).encode()).hexdigest()[:12]
+
+
 def method_source(name: str) -> str:
     import inspect
 
@@ -164,11 +180,26 @@ def settings_for(model: torch.nn.Module, methods: list[str], level: float) -> tu
     return settings, failed
 
 
-def int8_eager(model: torch.nn.Module) -> torch.nn.Module:
-    """``quantize_dynamic`` of the nn.Linear layers (a copy; the float model is kept)."""
+def int8_eager(model: torch.nn.Module, recipe: str = "per-tensor", calibration: torch.Tensor | None = None
+               ) -> torch.nn.Module:
+    """``quantize_dynamic`` of the nn.Linear layers (a copy; the float model is kept) in one of
+    ``tr.export.INT8_RECIPES``, as close to the ONNX recipe as eager allows: ``per-tensor`` every Linear, one
+    weight scale each; ``per-channel`` one scale per output channel; ``smooth`` SmoothQuant's rewrite (ranges from
+    ``calibration``) first and the Linears fed by an activation kept float."""
+    linear_only, per_channel, float_after_activation, alpha = tr.export.INT8_RECIPES[recipe]
+    if recipe == "per-tensor":
+        spec: Any = {torch.nn.Linear}
+    else:
+        kept = after_activation_linears(model, calibration[:2]) if float_after_activation else set()
+        if alpha is not None:
+            model = smooth_quant(model, calibration, alpha, values=not reads_value_norms(model))
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel \
+            else torch.ao.quantization.default_dynamic_qconfig
+        spec = {name: qconfig for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and name not in kept}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (-> torchao)
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
 
 
 # ----------------------------------------------------------------------------------------------------- exports
@@ -182,13 +213,14 @@ def exports_for(model_name: str, model_kwargs: dict, label: str, variant: torch.
         "model": model_name, "kwargs": model_kwargs, "setting": repr(setting),
         "source": None if setting is None else method_source(setting[0]), "calibration": len(calibration),
         "check": len(check), "opset": tr.export.DEFAULT_OPSET, "torch": torch.__version__,
+        "int8_recipe": args.int8_recipe, "smoothquant": method_source_of(smooth_quant), "ort_int8": args.ort_int8,
     }, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(args.cache) / key
     folder.mkdir(parents=True, exist_ok=True)
     meta_file = folder / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    paths = {"float32": folder / "float32.onnx", "int8": folder / "int8-static.onnx",
-             "int8-dynamic": folder / "int8-dynamic.onnx"}
+    paths = {"float32": folder / "float32.onnx", "static": folder / "int8-static.onnx",
+             "dynamic": folder / "int8-dynamic.onnx"}
     meta["cache_key"] = key
     if not paths["float32"].is_file():
         started = time.perf_counter()
@@ -196,25 +228,34 @@ def exports_for(model_name: str, model_kwargs: dict, label: str, variant: torch.
         meta["float32"] = {"export_s": time.perf_counter() - started, "max_abs_diff_at_export": result.max_abs_diff}
     else:
         meta.setdefault("float32", {})["from_cache"] = True
-    modes = [("int8", "static")] + ([("int8-dynamic", "dynamic")] if args.ort_dynamic else [])
-    for precision, mode in modes:
-        if not paths[precision].is_file():
+    # ONNX Runtime runs the --ort-int8 graph as "int8" (and the dynamic one as "int8-dynamic" with --ort-dynamic);
+    # OpenVINO runs the static QDQ graph in int8.
+    modes = {args.ort_int8} | ({"static"} if "openvino" in runtimes else set()) \
+        | ({"dynamic"} if args.ort_dynamic else set())
+    for mode in sorted(modes):
+        if not paths[mode].is_file():
             started = time.perf_counter()
-            quantize_onnx(paths["float32"], paths[precision], mode, calibration if mode == "static" else None)
-            meta[precision] = {"quantize_s": time.perf_counter() - started, "mode": mode,
-                               "calibration_images": len(calibration) if mode == "static" else 0}
+            if args.int8_recipe == "per-tensor":  # from the float graph above: no second export
+                quantize_onnx(paths["float32"], paths[mode], mode, calibration if mode == "static" else None)
+            else:  # as tr.export_onnx makes it (SmoothQuant rewrites the model before its export); flagged, not refused
+                export_onnx(variant, paths[mode], images=check, int8=mode, calibration=calibration,
+                            int8_recipe=args.int8_recipe, min_cosine=-1.0)
+            meta[f"int8-{mode}"] = {"quantize_s": time.perf_counter() - started, "mode": mode,
+                                    "recipe": args.int8_recipe, "calibration_images": len(calibration)}
         else:
-            meta.setdefault(precision, {})["from_cache"] = True
-    out = {"onnxruntime": {p: paths[p] for p, _ in [("float32", None)] + modes}}
+            meta.setdefault(f"int8-{mode}", {})["from_cache"] = True
+    out = {"onnxruntime": {"float32": paths["float32"], "int8": paths[args.ort_int8]}}
+    if args.ort_dynamic and args.ort_int8 != "dynamic":
+        out["onnxruntime"]["int8-dynamic"] = paths["dynamic"]
     if "openvino" in runtimes:
         import openvino as ov
 
         out["openvino"] = {}
-        for precision in ("float32", "int8"):
+        for precision, source in (("float32", paths["float32"]), ("int8", paths["static"])):
             xml = folder / f"openvino-{precision}.xml"
             if not xml.is_file():
                 started = time.perf_counter()
-                ov.save_model(ov.convert_model(str(paths[precision])), str(xml), compress_to_fp16=False)
+                ov.save_model(ov.convert_model(str(source)), str(xml), compress_to_fp16=False)
                 meta.setdefault(precision, {})["openvino_convert_s"] = time.perf_counter() - started
             out["openvino"][precision] = xml
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
@@ -336,7 +377,7 @@ def run_model(model_name: str, args: argparse.Namespace, runtimes: list[str], ba
         if "eager" in runtimes:
             runners[("eager", "float32", label)] = eager_runner(variant)
             try:
-                quantized = int8_eager(variant)
+                quantized = int8_eager(variant, args.int8_recipe, calibration)
                 eager_runner(quantized)(check[:2].numpy())
                 runners[("eager", "int8", label)] = eager_runner(quantized)
             except Exception as err:  # noqa: BLE001  (recorded: why this method cannot run int8 in eager)
@@ -463,7 +504,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "batch_sizes": batch_sizes, "models": args.models.split(","), "runtimes": runtimes,
                  "methods": args.methods or "every training-free method", "level": args.level,
                  "calibration": args.calibration, "check_images": args.check_images, "eval_batch": args.eval_batch,
-                 "threads": args.threads, "ort_dynamic": args.ort_dynamic},
+                 "threads": args.threads, "ort_dynamic": args.ort_dynamic, "int8_recipe": args.int8_recipe,
+                 "ort_int8": args.ort_int8},
         "protocol": "per model x runtime x batch size, every setting and precision timed interleaved in one process "
                     "on the same random batch (warm-up, then rounds with the order rotated; median images/s; "
                     "speed-ups = median over rounds of the ratio within a round)",
@@ -567,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-only", action="store_true",
                         help="only fill --cache with the exported graphs (e.g. before a timed run)")
     parser.add_argument("--ort-dynamic", action="store_true", help="also ONNX Runtime's dynamic int8 graph")
+    parser.add_argument("--ort-int8", choices=tr.export.INT8_MODES, default="dynamic",
+                        help="ONNX Runtime's int8 graph: dynamic (default, tr.export_onnx's --int8) or static "
+                             "(the QDQ graph OpenVINO runs)")
+    parser.add_argument("--int8-recipe", choices=tuple(tr.export.INT8_RECIPES), default=tr.export.DEFAULT_INT8_RECIPE,
+                        help="int8 recipe of every runtime (tr.export.INT8_RECIPES; default the library's)")
     parser.add_argument("--threads", type=int, default=2, help="threads of torch, onnxruntime and OpenVINO")
     parser.add_argument("--deit-kwargs", default=None, help="timm.create_model overrides of DeiT-S (tests)")
     parser.add_argument("--classifier-kwargs", default=None,

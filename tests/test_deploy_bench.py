@@ -40,6 +40,8 @@ def test_deploy_benchmark_at_a_tiny_size(tmp_path, capsys):
         assert set(info["settings"]) == {"unreduced", "tome"}, info["schedule_failed"]
         assert 0.5 < info["settings"]["tome"]["gmacs_share"] < 0.8  # about 65% of the unreduced GMACs
         assert info["int8_eager_failed"] == {}
+        for meta in info["exports"].values():  # ONNX Runtime's dynamic graph, OpenVINO's static one, both "smooth"
+            assert {meta[f"int8-{mode}"]["recipe"] for mode in ("dynamic", "static")} == {"smooth"}
     keys = {(r["model"], r["runtime"], r["precision"], r["setting"]) for r in result["fidelity"]}
     assert keys == {(m, rt, p, s) for m in ("classifier",) for rt in ("eager", "onnxruntime", "openvino")
                     for p in ("float32", "int8") for s in ("unreduced", "tome")}
