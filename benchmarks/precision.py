@@ -16,10 +16,14 @@ Two measurements, each run once with the library as it is (``--label after``) an
   bf16-autocast and float32 restored patch features, the share of patches pruned differently (left the sequence
   in one run and not in the other, or at another block) and of patch pairs grouped differently (in the same
   token in one run and not in the other).
+- ``replay``: the classifier in bf16 autocast with each method deciding for itself and with the float32 pass's
+  decision inputs replayed (``DecisionReplay``): the agreement with float32 left when the tokens reduced are
+  exactly float32's is what feature noise alone costs, which no decision precision can recover.
 
     python benchmarks/precision.py classify --per-class 50 --modes autocast --label after
     PYTHONPATH=/tmp/before/src python benchmarks/precision.py classify --per-class 50 --modes autocast --label before
     python benchmarks/precision.py demo --label after
+    python benchmarks/precision.py replay --per-class 50 --out benchmarks/results/precision/native/replay_after.json
     python benchmarks/precision.py report          # -> results/precision/{precision.json,table.md}
 
 Without native bf16 units (check ``lscpu`` for avx512_bf16 / amx) PyTorch's own bf16 / fp16 matmuls on CPU run
@@ -157,6 +161,100 @@ def classify(args: argparse.Namespace) -> dict:
                          "files": names, "rows": rows,
                          "seconds": round(time.time() - start)})
     return {}
+
+
+class DecisionReplay:
+    """Hand a low-precision pass the decision inputs of a float32 pass, so that it reduces exactly the same tokens.
+
+    In ``record`` mode the wrapped method runs as usual and keeps what each reducing block hands it (the attention
+    statistics and metric in ``stats``) and the features it begins from (GTP builds its graph from them); in
+    ``replay`` mode it gets those float32 inputs instead of its own. Its features and blocks stay in the pass's
+    precision, so the predictions that still differ from float32 differ through feature noise alone: what no
+    choice of decision precision can remove. Installed as instance attributes of the patched method (a benchmark
+    probe, not a library feature), removed by :meth:`remove`.
+
+    >>> import timm
+    >>> model = tr.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, pretrained=False), "tome", r=4)
+    >>> replay = DecisionReplay(tr.method_of(model))
+    >>> with torch.no_grad():
+    ...     _ = model(torch.randn(1, 3, 32, 32))
+    >>> sorted(k for k in replay.recorded if k != "begin")
+    [0, 1]
+    >>> replay.remove()
+    """
+
+    def __init__(self, method) -> None:
+        self.method, self.mode, self.recorded = method, "record", {}
+        self._begin, self._reduce = method.begin, method.reduce  # the class's own, bound to the instance
+        method.begin, method.reduce = self.begin, self.reduce
+
+    def remove(self) -> None:
+        del self.method.begin, self.method.reduce
+
+    def begin(self, state, plan):
+        if self.mode == "record":
+            self.recorded["begin"] = state.x.detach().clone()
+            return self._begin(state, plan)
+        return self._begin(state.replace(x=self.recorded["begin"]), plan).replace(x=state.x)
+
+    def reduce(self, block: int, state, stats: dict, amount: int):
+        if self.mode == "record":
+            self.recorded[block] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in stats.items()}
+            return self._reduce(block, state, stats, amount)
+        return self._reduce(block, state, self.recorded[block], amount)
+
+
+@torch.inference_mode()
+def replay_predictions(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Predictions of the patched ``model`` in float32, in bf16 autocast, and in bf16 autocast with the float32
+    pass's decisions replayed (:class:`DecisionReplay`), batch by batch."""
+    replay = DecisionReplay(tr.method_of(model))
+    out: dict[str, list] = {"float32": [], "autocast": [], "autocast_replayed": []}
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="replay", leave=False):
+            x = images[start:start + batch_size]
+            replay.mode = "record"
+            out["float32"].append(model(x).argmax(dim=-1))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                replay.mode = "replay"
+                out["autocast_replayed"].append(model(x).float().argmax(dim=-1))
+                replay.mode = "record"  # its own decisions (what it records is not used)
+                out["autocast"].append(model(x).float().argmax(dim=-1))
+    finally:
+        replay.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def replay(args: argparse.Namespace) -> None:
+    """Each method in bf16 autocast with its own (float32) decisions and with the float32 pass's decisions
+    replayed: the agreement with float32 each reaches, beside the unreduced model's."""
+    images, labels, names = frontier.load_images(args.per_class, Path(args.cache))
+    model = frontier.load_model()
+    rows, start = [], time.time()
+    for name, options in schedules(model).items():
+        if name == "unreduced":
+            with torch.inference_mode():
+                full = predictions(model, images, "float32", args.batch_size, "native")
+                low = predictions(model, images, "autocast", args.batch_size, "native")
+            row = {"method": name, "options": None,
+                   "agreement": float((low == full).float().mean()) * 100,
+                   "top1_float32": float((full == labels).float().mean()) * 100,
+                   "top1_autocast": float((low == labels).float().mean()) * 100}
+        else:
+            tr.patch(model, name, **options)
+            got = replay_predictions(model, images, args.batch_size)
+            tr.unpatch(model)
+            row = {"method": name, "options": options,
+                   "agreement": float((got["autocast"] == got["float32"]).float().mean()) * 100,
+                   "agreement_replayed": float((got["autocast_replayed"] == got["float32"]).float().mean()) * 100,
+                   **{f"top1_{k}": float((v == labels).float().mean()) * 100 for k, v in got.items()}}
+        print(f"replay {json.dumps(row)}", flush=True)
+        rows.append(row)
+        write(args.out, {"kind": "replay", "label": args.label, "library": library(), "images": len(images),
+                         "per_class": args.per_class, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                         "torch": torch.__version__, "level": LEVEL, "rows": rows,
+                         "seconds": round(time.time() - start)})
 
 
 def grouping(state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,6 +429,25 @@ def report(args: argparse.Namespace) -> None:
                              f"| {cell('after', 0)} | {cell('before', 1)} | {cell('after', 1)} |")
         lines.append("")
         lines += native_comparison(Path(args.dir) / "native100", after, summary)
+    replayed = runs.get("replay_after")
+    if replayed:
+        unreduced = next((r for r in replayed["rows"] if r["method"] == "unreduced"), None)
+        lines += [f"Decisions replayed: the benchmark classifier on {replayed['images']} CIFAR-10 test images in bf16 "
+                  "autocast, each method deciding for itself (in float32, from its bf16 keys and features) and with "
+                  "the float32 pass's decision inputs replayed (`DecisionReplay`: the same tokens reduced as in "
+                  f"float32); agreement with float32 in %; CPU: {replayed['cpu']}, torch {replayed['torch']}. The "
+                  "unreduced model's agreement"
+                  + (f" is {unreduced['agreement']:.2f}%." if unreduced else "."), "",
+                  "| method | agreement, own decisions | agreement, float32 decisions replayed | top-1 float32 "
+                  "| top-1 own | top-1 replayed |", "|---|---:|---:|---:|---:|---:|"]
+        for row in replayed["rows"]:
+            if row["method"] == "unreduced":
+                continue
+            lines.append(f"| {row['method']} | {row['agreement']:.2f} | {row['agreement_replayed']:.2f} "
+                         f"| {row['top1_float32']:.2f} | {row['top1_autocast']:.2f} "
+                         f"| {row['top1_autocast_replayed']:.2f} |")
+            summary.setdefault(row["method"], {})["replay"] = row
+        lines.append("")
     demo_after, demo_before = runs.get("demo_after"), runs.get("demo_before")
     if demo_after:
         lines += [f"Demo model (DINOv2-S/14, real weights), {len(demo_after['photos'])} ImageNet photos, about "
@@ -373,7 +490,7 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("classify", "demo", "hf", "report"))
+    parser.add_argument("command", choices=("classify", "demo", "hf", "replay", "report"))
     parser.add_argument("--label", default="after", choices=("before", "after"))
     parser.add_argument("--per-class", type=int, default=50, help="classifier: test images per class (50: 500)")
     parser.add_argument("--modes", nargs="*", default=["autocast"], choices=list(MODES))
@@ -389,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or str(RESULTS / f"{args.command}_{args.label}.json")
-    {"classify": classify, "demo": demo, "hf": hf, "report": report}[args.command](args)
+    {"classify": classify, "demo": demo, "hf": hf, "replay": replay, "report": report}[args.command](args)
     return 0
 
 
