@@ -155,16 +155,15 @@ def training_free_methods() -> list[str]:
     return [name for name in tr.methods() if getattr(_REGISTRY[name], "training_free", True)]
 
 
-def method_source_of(function: Any) -> str:
+def module_source(thing: Any) -> str:
+    """A short hash of the source file that defines ``thing`` (a cache key part: edit the file, export again)."""
     import inspect
 
-    return hashlib.sha1(inspect.getsource(sys.modules[function.__module__]).encode()).hexdigest()[:12]
+    return hashlib.sha1(inspect.getsource(sys.modules[thing.__module__]).encode()).hexdigest()[:12]
 
 
 def method_source(name: str) -> str:
-    import inspect
-
-    return hashlib.sha1(inspect.getsource(sys.modules[_REGISTRY[name].__module__]).encode()).hexdigest()[:12]
+    return module_source(_REGISTRY[name])
 
 
 def settings_for(model: torch.nn.Module, methods: list[str], level: float) -> tuple[dict, dict]:
@@ -213,7 +212,7 @@ def exports_for(model_name: str, model_kwargs: dict, label: str, variant: torch.
         "model": model_name, "kwargs": model_kwargs, "setting": repr(setting),
         "source": None if setting is None else method_source(setting[0]), "calibration": len(calibration),
         "check": len(check), "opset": tr.export.DEFAULT_OPSET, "torch": torch.__version__,
-        "int8_recipe": args.int8_recipe, "smoothquant": method_source_of(smooth_quant), "ort_int8": args.ort_int8,
+        "int8_recipe": args.int8_recipe, "smoothquant": module_source(smooth_quant), "ort_int8": args.ort_int8,
     }, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(args.cache) / key
     folder.mkdir(parents=True, exist_ok=True)

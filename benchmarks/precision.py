@@ -168,10 +168,11 @@ class DecisionReplay:
 
     In ``record`` mode the wrapped method runs as usual and keeps what each reducing block hands it (the attention
     statistics and metric in ``stats``) and the features it begins from (GTP builds its graph from them); in
-    ``replay`` mode it gets those float32 inputs instead of its own. Its features and blocks stay in the pass's
-    precision, so the predictions that still differ from float32 differ through feature noise alone: what no
-    choice of decision precision can remove. Installed as instance attributes of the patched method (a benchmark
-    probe, not a library feature), removed by :meth:`remove`.
+    ``replay`` mode it gets those float32 inputs instead of its own; in ``own`` mode it runs as usual, keeping
+    nothing. Its features and blocks stay in the pass's precision, so the predictions that still differ from
+    float32 differ through feature noise alone: what no choice of decision precision can remove. Installed as
+    instance attributes of the patched method (a benchmark probe, not a library feature), removed by
+    :meth:`remove`.
 
     >>> import timm
     >>> model = tr.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, pretrained=False), "tome", r=4)
@@ -192,17 +193,19 @@ class DecisionReplay:
         del self.method.begin, self.method.reduce
 
     def begin(self, state, plan):
+        if self.mode == "replay":
+            return self._begin(state.replace(x=self.recorded["begin"]), plan).replace(x=state.x)
         if self.mode == "record":
             self.recorded["begin"] = state.x.detach().clone()
-            return self._begin(state, plan)
-        return self._begin(state.replace(x=self.recorded["begin"]), plan).replace(x=state.x)
+        return self._begin(state, plan)
 
     def reduce(self, block: int, state, stats: dict, amount: int):
+        if self.mode == "replay":
+            return self._reduce(block, state, self.recorded[block], amount)
         if self.mode == "record":
             self.recorded[block] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                                     for k, v in stats.items()}
-            return self._reduce(block, state, stats, amount)
-        return self._reduce(block, state, self.recorded[block], amount)
+        return self._reduce(block, state, stats, amount)
 
 
 @torch.inference_mode()
@@ -219,7 +222,7 @@ def replay_predictions(model: torch.nn.Module, images: torch.Tensor, batch_size:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 replay.mode = "replay"
                 out["autocast_replayed"].append(model(x).float().argmax(dim=-1))
-                replay.mode = "record"  # its own decisions (what it records is not used)
+                replay.mode = "own"  # its own decisions
                 out["autocast"].append(model(x).float().argmax(dim=-1))
     finally:
         replay.remove()
@@ -234,9 +237,8 @@ def replay(args: argparse.Namespace) -> None:
     rows, start = [], time.time()
     for name, options in schedules(model).items():
         if name == "unreduced":
-            with torch.inference_mode():
-                full = predictions(model, images, "float32", args.batch_size, "native")
-                low = predictions(model, images, "autocast", args.batch_size, "native")
+            full = predictions(model, images, "float32", args.batch_size, "native")
+            low = predictions(model, images, "autocast", args.batch_size, "native")
             row = {"method": name, "options": None,
                    "agreement": float((low == full).float().mean()) * 100,
                    "top1_float32": float((full == labels).float().mean()) * 100,

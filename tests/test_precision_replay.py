@@ -35,7 +35,7 @@ def owners(precision, name: str, seed: int, options: dict, img: int = 96) -> tup
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 replay.mode = "replay"
                 replayed = tr.trace(model, x)[-1].owner
-                replay.mode = "record"
+                replay.mode = "own"
                 alone = tr.trace(model, x)[-1].owner
     finally:
         replay.remove()
