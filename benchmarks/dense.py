@@ -63,10 +63,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_REPORT, NUM_TRAIN, SPLIT_SEED = 1000, 300, 0
 LEVELS = {"85%": 0.85, "65%": 0.65, "50%": 0.50}
 RULE_LEVEL = "65%"  # the level with every restore rule; the others use each method's default
-RULES = ("departure", "nearest", "reconstruct", "graph")
+RULES = ("departure", "nearest", "reconstruct", "ridge", "graph")
 #: Restore rules per method (ToMe's merges keep the merged feature: its default only; graph is GTP's).
 METHOD_RULES = {"tome": ("default",), "gtp": RULES}
-OTHER_RULES = ("departure", "nearest", "reconstruct")
+OTHER_RULES = ("departure", "nearest", "reconstruct", "ridge")
 # 4 unchanged blocks, then 1 unit of 8 (full block, 2 generation layers, 5 semantic blocks, recovery):
 # 3.97 GMACs = 65% of the unreduced 6.12.
 STVITR_OPTIONS = {"num_semantic": 64, "units": 1, "unit_depth": 8, "pooling": "learned"}
@@ -353,12 +353,12 @@ def default_rule(backbone: torch.nn.Module, method: str, options: dict) -> str:
 def restore_options(rule: str, default: str, args: argparse.Namespace) -> dict:
     """Options of ``tr.patch`` for ``rule``: none for the method's default rule (so a library without restore
     rules runs its departure rows), ``restore=rule`` otherwise, plus ``restore_k`` / ``restore_tau`` /
-    ``restore_weights`` for reconstruct when given."""
-    given = {name: getattr(args, name) for name in ("restore_k", "restore_tau", "restore_weights")
-             if getattr(args, name) is not None}
-    if rule == default and not (rule == "reconstruct" and given):
+    ``restore_weights`` for reconstruct and ``restore_lambda`` for ridge when given."""
+    names = {"reconstruct": ("restore_k", "restore_tau", "restore_weights"), "ridge": ("restore_lambda",)}
+    given = {name: getattr(args, name) for name in names.get(rule, ()) if getattr(args, name, None) is not None}
+    if rule == default and not given:
         return {}
-    return {"restore": rule, **(given if rule == "reconstruct" else {})}
+    return {"restore": rule, **given}
 
 
 def planned_rows(args: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, str]]:
@@ -703,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restore-k", type=int, help="reconstruct: neighbours (library default if not given)")
     parser.add_argument("--restore-tau", type=float, help="reconstruct: softmax temperature")
     parser.add_argument("--restore-weights", choices=("cosine", "distance"), help="reconstruct: weights")
+    parser.add_argument("--restore-lambda", type=float, help="ridge: regularisation strength")
     parser.add_argument("--threads", type=int, default=2, help="threads for evaluation")
     parser.add_argument("--recompute", action="store_true", help="ignore cached rows")
     parser.add_argument("--no-stvitr", action="store_true", help="skip the STViT-R rows")

@@ -133,7 +133,8 @@ def test_mistyped_option_names_it_the_closest_and_every_valid_one():
     with pytest.raises(tr.InputError) as err:
         tr.patch(model, "topk", kep_rate=0.5)
     assert str(err.value) == ("topk: unknown option 'kep_rate' (did you mean 'keep_rate'?); valid options: "
-                              "keep_rate, r, layers, prop_attn, restore, restore_k, restore_tau, restore_weights")
+                              "keep_rate, r, layers, prop_attn, restore, restore_k, restore_tau, restore_weights, "
+                              "restore_lambda")
     assert tr.method_of(model) is None  # nothing patched
     with pytest.raises(tr.InputError, match=r"gtp: unknown option 'zzz'; valid options: r, graph, k, alpha"):
         tr.patch(model, "gtp", zzz=1)

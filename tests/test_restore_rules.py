@@ -22,9 +22,8 @@ from tokenreduce.core.state import TokenState
 from tokenreduce.methods.base import create_method
 
 PRUNING = ["evit", "gtp", "ppt", "topk"]
-RULES = {"topk": ["departure", "nearest", "reconstruct"], "evit": ["departure", "nearest", "reconstruct"],
-         "ppt": ["departure", "nearest", "reconstruct"], "gtp": ["departure", "nearest", "reconstruct", "graph"],
-         "tome": ["departure", "nearest", "reconstruct"]}
+COMMON = ["departure", "nearest", "reconstruct", "ridge"]
+RULES = {"topk": COMMON, "evit": COMMON, "ppt": COMMON, "gtp": [*COMMON, "graph"], "tome": COMMON}
 ALL_RULES = [(m, r) for m, rules in RULES.items() for r in rules]
 
 
@@ -66,6 +65,53 @@ def test_reconstruct_distance_weights_are_expedits_exp_of_minus_tau_squared_dist
     d1, d3 = 0.25 ** 2, 0.75 ** 2  # squared distances of [1, 0.25] to [1, 0] and [1, 1]
     w1 = math.exp(-0.5 * d1) / (math.exp(-0.5 * d1) + math.exp(-0.5 * d3))
     torch.testing.assert_close(kept.left_weights[0, 3], torch.tensor([0.0, w1, 0.0, 1 - w1]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.floor
+def test_ridge_gives_the_regression_of_the_remaining_tokens_by_hand():
+    # Remaining image tokens [1, 0] and [0, 1] (token 2 and a copy of it leave), leaving [1, 0.25]. Centred on
+    # their mean [.5, .5], the remaining ones are +-[.5, -.5]: an eigenvector of their Gram with eigenvalue 1, so
+    # the dual solve is c = +-(a.(1, -1) / 2) / (1 + lam) and the weights 1/2 +- that, a the unit-length leaving one.
+    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.25]]])
+    kept = ops.keep_tokens(tracked(x, "ridge", lam=1.0), torch.tensor([[1, 2]]))
+    a = torch.tensor([1.0, 0.25]) / math.hypot(1, 0.25)
+    c = float(a[0] - a[1]) / 2 / (1 + 1.0)
+    torch.testing.assert_close(kept.left_weights[0, 2], torch.tensor([0.0, 0.5 + c, 0.5 - c]), rtol=0, atol=1e-6)
+    final = kept.replace(x=torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]]))
+    torch.testing.assert_close(ops.restore(final)[0, 3], torch.tensor([10 * (0.5 + c), 10 * (0.5 - c)]),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.floor
+def test_ridge_recovers_an_affine_map_that_a_weighted_average_cannot():
+    # 5 remaining tokens in 2-d, final features an affine image of their unit-length features: with a tiny lam the
+    # leaving token gets its own affine image, even outside the remaining ones' convex hull (reconstruct cannot).
+    angles = torch.tensor([0.0, 0.4, 0.9, 1.3, 1.7, 2.6])  # the last one leaves, beyond the others
+    x = torch.cat([torch.tensor([[9.0, 9.0]]), torch.stack([angles.cos(), angles.sin()], 1)]).unsqueeze(0)
+    kept = ops.keep_tokens(tracked(x, "ridge", lam=1e-6), torch.tensor([[1, 2, 3, 4, 5]]))
+    w, bias = torch.tensor([[2.0, -1.0], [0.3, 4.0]]), torch.tensor([1.0, -1.0])
+    final = kept.replace(x=torch.cat([torch.zeros(1, 1, 2), kept.x[:, 1:] @ w + bias], dim=1))
+    torch.testing.assert_close(ops.restore(final)[0, 6], x[0, 6] @ w + bias, rtol=0, atol=1e-3)
+    reconstructed = ops.restore(ops.keep_tokens(tracked(x, "reconstruct"), torch.tensor([[1, 2, 3, 4, 5]]))
+                                .replace(x=final.x))
+    assert (reconstructed[0, 6] - (x[0, 6] @ w + bias)).abs().max() > 0.5
+
+
+def test_ridge_conjugate_gradients_reach_the_exact_solve():
+    from tokenreduce.core.restore import ridge_weights
+
+    generator = torch.Generator().manual_seed(0)
+    remaining, leaving = torch.randn(2, 30, 16, generator=generator), torch.randn(2, 5, 16, generator=generator)
+    a, b = torch.nn.functional.normalize(leaving, dim=-1), torch.nn.functional.normalize(remaining, dim=-1)
+    mean = b.mean(1, keepdim=True)
+    a, b = (a - mean).double(), (b - mean).double()
+    c = torch.linalg.solve(b @ b.transpose(1, 2) + 0.03 * torch.eye(30, dtype=torch.float64),
+                           b @ a.transpose(1, 2)).transpose(1, 2)
+    exact = (c - c.mean(-1, keepdim=True) + 1 / 30).float()
+    weights = ridge_weights(leaving, remaining, 0.03)
+    torch.testing.assert_close(weights, exact, rtol=0, atol=1e-4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5), rtol=0, atol=1e-5)
+    assert (ridge_weights(leaving, remaining, 0.03, steps=4) - exact).abs().max() > 1e-3  # the steps matter
 
 
 @pytest.mark.floor
@@ -161,6 +207,8 @@ def test_every_method_has_a_documented_default_rule(method):
     (dict(restore="reconstruct", restore_k=0), "restore_k must be an integer >= 1, got 0"),
     (dict(restore="reconstruct", restore_tau=-1.0), "restore_tau must be a positive number, got -1.0"),
     (dict(restore="reconstruct", restore_weights="dot"), "unknown restore_weights 'dot'"),
+    (dict(restore="ridge", restore_lambda=0), "restore_lambda must be a positive number, got 0"),
+    (dict(restore="ridge", restore_lambda=True), "restore_lambda must be a positive number, got True"),
     (dict(restore=3), "restore must be a rule name or a RestoreRule"),
 ])
 def test_bad_restore_options_are_clear_errors_and_change_nothing(kwargs, message):
@@ -281,9 +329,10 @@ def test_without_dense_output_every_rule_runs_the_same_ops(method):
 
 
 # --- compile and export -----------------------------------------------------------------------------------------
-# Two cases: the similarity links (shared by nearest and reconstruct, here with Top-K's pruning) and GTP's own
-# links (compiling takes a minute each on this machine).
+# Three cases: the similarity links (shared by nearest and reconstruct, here with Top-K's pruning), ridge's
+# conjugate-gradient links and GTP's own links (compiling takes a minute each on this machine).
 @pytest.mark.parametrize("method,rule,options", [("topk", "reconstruct", dict(keep_rate=0.6, layers=(0, 1))),
+                                                 ("topk", "ridge", dict(keep_rate=0.6, layers=(0, 1))),
                                                  ("gtp", "graph", dict(r=3))])
 def test_restore_rules_compile_fullgraph_equal_to_eager(method, rule, options):
     """fullgraph=True: no graph break, hence no host sync, in the rule's work (a tiny model: compiling is slow)."""
@@ -301,7 +350,7 @@ def test_restore_rules_compile_fullgraph_equal_to_eager(method, rule, options):
 
 @pytest.mark.skipif(any(find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
                     reason="the [export] extra is not installed")
-@pytest.mark.parametrize("method,rule", [("topk", "reconstruct"), ("gtp", "graph")])
+@pytest.mark.parametrize("method,rule", [("topk", "reconstruct"), ("topk", "ridge"), ("gtp", "graph")])
 def test_restore_rules_export_to_onnx_equal_to_eager(method, rule, tmp_path):
     """An average-pooled head reads the restored grid, so its logits carry the rule's work."""
     model = tr.patch(make_model("vit_medium_patch16_reg4_gap_256", depth=3), method, restore=rule,

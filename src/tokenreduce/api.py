@@ -89,8 +89,9 @@ def patch(model: nn.Module, method: str | Method, **options: Any) -> nn.Module:
 
     ``restore`` chooses what a dense output (``forward_features``, intermediates, ``last_hidden_state``, ...)
     gives a patch whose token left: ``"departure"``, ``"nearest"``, ``"reconstruct"`` (with ``restore_k``,
-    ``restore_tau``, ``restore_weights``) or, for GTP, ``"graph"``; None is the method's default
-    (``tokenreduce.core.restore``). Outputs that read only the prefix tokens are the same under every rule.
+    ``restore_tau``, ``restore_weights``), ``"ridge"`` (with ``restore_lambda``) or, for GTP, ``"graph"``; None is
+    the method's default (``tokenreduce.core.restore``). Outputs that read only the prefix tokens are the same
+    under every rule.
 
     >>> import timm, tokenreduce as tr
     >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224"), "tome", r=13)
@@ -249,8 +250,8 @@ def trace(model: nn.Module, images: torch.Tensor, track_owner: bool = True, dens
 
     Each state has ``owner`` (which token holds every input patch) when ``track_owner`` is on, and with
     ``dense`` what :func:`restore` needs to rebuild the full token grid at that block, under the model's restore
-    rule or the one given by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights`` (see
-    :func:`patch`).
+    rule or the one given by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights`` /
+    ``restore_lambda`` (see :func:`patch`).
 
     >>> import timm, torch, tokenreduce as tr
     >>> model = tr.patch(timm.create_model("deit_tiny_patch16_224", depth=2), "tome", r=50)

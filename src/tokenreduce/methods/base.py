@@ -45,8 +45,8 @@ def method_names() -> list[str]:
 def option_names(name: str) -> list[str]:
     """The options a registered method takes (its keyword arguments), then the restore options.
 
-    >>> option_names("topk")
-    ['keep_rate', 'r', 'layers', 'prop_attn', 'restore', 'restore_k', 'restore_tau', 'restore_weights']
+    >>> option_names("topk")[4:]
+    ['restore', 'restore_k', 'restore_tau', 'restore_weights', 'restore_lambda']
     """
     parameters = inspect.signature(_REGISTRY[name].__init__).parameters
     own = [p.name for p in parameters.values() if p.name != "self" and p.kind in
@@ -86,8 +86,9 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 def create_method(name: str, **options: Any) -> Method:
     """Build a registered method by name; an unknown name is a ``ValueError`` listing the known ones.
 
-    The restore options (``restore``, ``restore_k``, ``restore_tau``, ``restore_weights``: how a dense output
-    restores the patches whose token left, ``core.restore``) are taken here; the rest go to the method.
+    The restore options (``restore``, ``restore_k``, ``restore_tau``, ``restore_weights``, ``restore_lambda``: how
+    a dense output restores the patches whose token left, ``core.restore``) are taken here; the rest go to the
+    method.
 
     >>> create_method("topk", keep_rate=0.5, restore="nearest").restore_rule.name
     'nearest'
@@ -210,8 +211,8 @@ class Method:
     search_knob: ClassVar[str] = "r"
     #: The restore rules of a dense output this method supports (``core.restore``) and its default, the one the
     #: dense benchmark shows best (``benchmarks/dense.py``).
-    restore_rules: ClassVar[tuple[str, ...]] = ("departure", "nearest", "reconstruct")
-    default_restore: ClassVar[str] = "reconstruct"
+    restore_rules: ClassVar[tuple[str, ...]] = ("departure", "nearest", "reconstruct", "ridge")
+    default_restore: ClassVar[str] = "ridge"
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -221,7 +222,8 @@ class Method:
         self.restore_chosen = False
 
     def make_restore_rule(self, **restore_options: Any) -> RestoreRule:
-        """The rule asked for by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights``, checked
+        """The rule asked for by ``restore`` / ``restore_k`` / ``restore_tau`` / ``restore_weights`` /
+        ``restore_lambda``, checked
         against :attr:`restore_rules` (a ``ValueError`` naming the valid ones)."""
         return make_rule(self.name, self.restore_rules, self.default_restore, **restore_options)
 

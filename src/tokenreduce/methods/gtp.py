@@ -268,7 +268,7 @@ class GTP(Method):
     """
 
     name = "gtp"
-    restore_rules = ("departure", "nearest", "reconstruct", "graph")
+    restore_rules = ("departure", "nearest", "reconstruct", "ridge", "graph")
 
     def __init__(self, r: Any = 8, graph: str = "mixed", k: int = 8, alpha: float = 0.1,
                  selection: str = "mixed_attn_max", token_scale: bool = True, sparsity: float = 1.0,
