@@ -601,19 +601,36 @@ def fmt_options(options: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| setting | restore | options | GMACs (ratio) | restore GMACs | map IoU@0.5 | map MAE | cosine mean "
-             "| median | p10 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Every row; "with restore" is the GMACs of a dense output: the model's plus its restore rule's, as a share of
+    the unreduced model's (the levels are set on the model's own GMACs)."""
+    base = next((r["gmacs"] for r in rows if r["method"] == "unreduced"), None)
+    lines = ["| setting | restore | options | GMACs (ratio) | restore GMACs | with restore (ratio) | map IoU@0.5 | "
+             "map MAE | cosine mean | median | p10 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         rule = r["restore"] or ""
         if r.get("default_rule") and r["method"] not in ("unreduced", "stvit-r"):
             rule += " (default)"
         setting = r["name"].split(" (")[0]
+        dense = r["gmacs"] + r["restore_gmacs"]
+        share = f" ({dense / base:.2f})" if base else ""
         lines.append(f"| {setting} | {rule} | {fmt_options(r['options'])} | {r['gmacs']:.2f} "
-                     f"({r['gmacs_ratio']:.2f}) | {r['restore_gmacs']:.3f} | {r['map_iou_0.5']:.3f} | "
-                     f"{r['map_mae']:.4f} | {r['cosine_mean']:.3f} | {r['cosine_median']:.3f} | "
-                     f"{r['cosine_p10']:.3f} |")
+                     f"({r['gmacs_ratio']:.2f}) | {r['restore_gmacs']:.3f} | {dense:.2f}{share} | "
+                     f"{r['map_iou_0.5']:.3f} | {r['map_mae']:.4f} | {r['cosine_mean']:.3f} | "
+                     f"{r['cosine_median']:.3f} | {r['cosine_p10']:.3f} |")
     return "\n".join(lines)
+
+
+def rewrite_table(folder: Path) -> None:
+    """table.md again from the dense.json beside it (after a change of the table's layout; no model runs)."""
+    path = folder / "dense.json"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: run eval first")
+    rows = json.loads(path.read_text())["rows"]
+    table = markdown_table(rows) + "\n\n" + rule_table(rows)
+    (folder / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {folder / 'table.md'}", flush=True)
 
 
 def rule_table(rows: list[dict]) -> str:
@@ -684,8 +701,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", default="eval", choices=("eval", "train-stvitr", "all"),
-                        help="eval (default), train-stvitr, or all (train if no checkpoint, then eval)")
+    parser.add_argument("stage", nargs="?", default="eval", choices=("eval", "train-stvitr", "all", "table"),
+                        help="eval (default), train-stvitr, all (train if no checkpoint, then eval), or table "
+                             "(table.md again from dense.json: --out's, or the committed one with --update-results)")
     parser.add_argument("--images", help="a folder of photos (.jpg/.jpeg/.png, recursive); default: the 1,000 "
                                          "report photos of imagenet-val-1300")
     parser.add_argument("--out", help="output folder (default: $TOKENREDUCE_CACHE/dense/<set name>, "
@@ -712,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     "$TOKENREDUCE_CACHE/dense/stvitr_distilled.pth)")
     stvitr_distil.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.stage == "table":
+        rewrite_table(RESULTS if args.update_results or not args.out else Path(args.out).expanduser())
+        return 0
     if args.stage == "train-stvitr" or (args.stage == "all" and not stvitr_checkpoint(args).is_file()):
         stvitr_distil.run(args)
     if args.stage in ("all", "eval"):
