@@ -97,6 +97,20 @@ def test_ridge_recovers_an_affine_map_that_a_weighted_average_cannot():
     assert (reconstructed[0, 6] - (x[0, 6] @ w + bias)).abs().max() > 0.5
 
 
+def test_ridge_links_as_reconstruct_past_its_token_cap_and_counts_so(monkeypatch):
+    from tokenreduce.core import restore as restore_module
+
+    remaining = torch.tensor([[1, 2, 3]])
+    ridge = ops.keep_tokens(tracked(X, "ridge"), remaining).left_weights
+    reconstruct = ops.keep_tokens(tracked(X, "reconstruct"), remaining).left_weights
+    assert not torch.allclose(ridge, reconstruct)
+    costs = {name: restore_macs(RestoreRule(name), [1], [5], 1, 4, 2, 4) for name in ("ridge", "reconstruct")}
+    assert costs["ridge"] > costs["reconstruct"]
+    monkeypatch.setattr(restore_module, "RIDGE_MAX_TOKENS", 2)  # 3 image tokens remain: past the cap
+    assert torch.equal(ops.keep_tokens(tracked(X, "ridge"), remaining).left_weights, reconstruct)
+    assert restore_macs(RestoreRule("ridge"), [1], [5], 1, 4, 2, 4) == costs["reconstruct"]
+
+
 def test_ridge_conjugate_gradients_reach_the_exact_solve():
     from tokenreduce.core.restore import ridge_weights
 

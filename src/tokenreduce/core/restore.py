@@ -13,7 +13,9 @@ fused) gets, by rule:
 - ``ridge``: the final feature the remaining image tokens predict by linear ridge regression with an intercept,
   fitted on them at that block (their normalised features there -> their final features, strength ``lam``):
   a weighted sum of their final features whose weights sum to 1, solved by ``RIDGE_STEPS`` conjugate-gradient
-  steps (matrix products only, so it compiles and exports); followed through later departures;
+  steps (matrix products only, so it compiles and exports); followed through later departures. Its work grows
+  with the square of the remaining tokens: a step where more than ``RIDGE_MAX_TOKENS`` (256) image tokens remain
+  links as ``reconstruct`` (``k`` and ``tau``);
 - ``graph`` (GTP only): the final features of the tokens it was propagated into, with the weights of GTP's
   graph normalised to sum to 1 (its departure feature when it had no kept neighbour).
 
@@ -44,6 +46,11 @@ DEFAULT_K, DEFAULT_TAU, DEFAULT_LAMBDA = 4, 20.0, 0.1
 #: Conjugate-gradient steps of ``ridge``: a fixed count keeps the work free of host syncs and the graph static
 #: (an ad hoc check on the dense benchmark's photos: 16 steps come within 0.001 IoU of the exact solve).
 RIDGE_STEPS = 16
+#: ``ridge`` fits its regression when at most this many image tokens remain at a step; with more, the step links
+#: as ``reconstruct`` does. The regression's work grows with their square (a Gram and CG products ``m x m``): on a
+#: 16-frame VideoMAE (1,568 tokens, mean-pooled, so every forward restores) it would cost several times
+#: ``reconstruct``'s, while up to 256 tokens (a 224 px ViT-S/14, ViT-B/16) it stays near 2% of the model.
+RIDGE_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -133,14 +140,14 @@ def similarity_links(x: torch.Tensor, keep_index: torch.Tensor, leave_index: tor
     leaving = gather_tokens(x, leave_index).float()
     remaining = gather_tokens(x, keep_index[:, num_prefix:]).float()
     with decide(x):
-        if rule.name == "ridge":
+        if rule.name == "ridge" and remaining.shape[1] <= RIDGE_MAX_TOKENS:
             weights = ridge_weights(leaving, remaining, rule.lam)
             return F.pad(weights, (num_prefix, 0))  # never linked to the prefix
         if rule.name == "reconstruct" and rule.weights == "distance":
             logits = -rule.tau * torch.cdist(leaving, remaining).square()
         else:
             logits = F.normalize(leaving, dim=-1) @ F.normalize(remaining, dim=-1).transpose(1, 2)
-            if rule.name == "reconstruct":
+            if rule.name != "nearest":  # reconstruct, and ridge past RIDGE_MAX_TOKENS
                 logits = rule.tau * logits
         k = 1 if rule.name == "nearest" else min(rule.k, remaining.shape[1])
         top = logits.topk(k, dim=-1)
@@ -226,8 +233,8 @@ def restore_macs(rule: RestoreRule, leaving: list[int], tokens_in: list[int], nu
     """MACs of a rule's extra work for one image, counted as ``FlopCounterMode`` counts them: per step with
     ``d`` leaving tokens of ``n`` the similarities ``d x (n - d - prefix) x C`` (nearest, reconstruct), the
     passing on of the left weights ``n0 x d x (n - d)``, and once the final ``n0 x N_final x C`` product;
-    ``ridge`` adds, with ``m = n - d - prefix`` remaining image tokens, the Gram ``m x m x C`` and ``RIDGE_STEPS``
-    products ``m x m x d``.
+    ``ridge`` adds, with ``m = n - d - prefix`` remaining image tokens (at most ``RIDGE_MAX_TOKENS``; past it the
+    step is ``reconstruct``'s), the Gram ``m x m x C`` and ``RIDGE_STEPS`` products ``m x m x d``.
 
     >>> restore_macs(RestoreRule("departure"), [2], [5], 1, 4, 8, 3)
     0
@@ -242,7 +249,7 @@ def restore_macs(rule: RestoreRule, leaving: list[int], tokens_in: list[int], nu
             remaining = n - d - num_prefix
             if rule.name in ("nearest", "reconstruct", "ridge"):
                 macs += d * remaining * dim
-            if rule.name == "ridge":
+            if rule.name == "ridge" and remaining <= RIDGE_MAX_TOKENS:
                 macs += remaining * remaining * dim + RIDGE_STEPS * remaining * remaining * d
             macs += num_patches * d * (n - d)
     return macs + num_patches * final_tokens * dim
