@@ -369,9 +369,11 @@ def test_reduced_report_and_its_dict_and_text():
                                                                                                  abs=1e-4)
     assert text[-2].startswith(f"method topk: {report.gmacs:.3f} GMACs + {report.overhead_gmacs:.4f} overhead")
     assert text[-2].endswith(f"(unreduced {report.baseline_gmacs:.3f}, ratio {report.ratio:.2f}x)")
-    # The default restore rule (reconstruct) of a dense output: similarities of the 2 leaving tokens to the 4 remaining
-    # image tokens (2*4*4), passing the 6 patches' weights on (6*2*5), the final product (6 patches x 5 tokens x 4).
-    assert report.restore_gmacs * 1e9 == pytest.approx(2 * 4 * 4 + 6 * 2 * 5 + 6 * 5 * 4, **exact)
+    # The default restore rule (ridge) of a dense output: products of the 2 leaving tokens with the 4 remaining
+    # image tokens (2*4*4), their Gram (4*4*4), 24 Chebyshev products (24*4*4*2), passing the 6 patches' weights
+    # on (6*2*5), the final product (6 patches x 5 tokens x 4).
+    assert report.restore_gmacs * 1e9 == pytest.approx(2 * 4 * 4 + 4 * 4 * 4 + 24 * 4 * 4 * 2 + 6 * 2 * 5 + 6 * 5 * 4,
+                                                       **exact)
     assert d["restore_gmacs"] == report.restore_gmacs
     assert report.dense_gmacs == pytest.approx(report.total_gmacs + report.restore_gmacs, **exact)
     assert text[-1] == f"dense output: + {report.restore_gmacs:.4f} GMACs of the restore rule"

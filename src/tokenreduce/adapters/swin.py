@@ -11,9 +11,11 @@ tokens; then the window is restored to its A positions (``core.ops.restore``) an
 Because the features of the removed tokens are still there, what is restored is the MLP's *update*, not the
 feature: a merged patch gets its token's update, a patch whose token left gets its restore rule's update
 (``departure``: none, it skips the MLP; ``nearest`` / ``reconstruct``: the updates of the remaining tokens most
-similar to it; ``ridge``: their regression's prediction). So the saving is the MLP's share of a block (about 60%
-at Swin widths) times the share of tokens removed, and what the reduction and the restore cost is counted as
-overhead and restore work.
+similar to it; ``ridge``: their regression's prediction). Unless the caller chose a rule, windows use
+``reconstruct`` (``departure`` for ToMe), the rule measured here (``benchmarks/hierarchical.py``), whatever a
+method's default for a plain ViT's dense output is (:func:`window_rule`). So the saving is the MLP's share of a
+block (about 60% at Swin widths) times the share of tokens removed, and what the reduction and the restore cost
+is counted as overhead and restore work.
 
 Schedules: blocks are numbered across the stages as ``model.layers[s].blocks[j]`` in order (Swin-T: 2 + 2 + 6
 + 2 = 12); ``r`` / ``keep_rate`` / ``layers`` act per window (``r=4`` removes 4 of every window's A tokens at
@@ -43,7 +45,7 @@ from ..core.attention import attention
 from ..core.cost import FlopsReport, SwinCounter, mlp_macs, swin_block_macs
 from ..core.errors import InputError
 from ..core.ops import restore
-from ..core.restore import restore_macs
+from ..core.restore import RestoreRule, restore_macs
 from ..core.state import TokenState
 from . import common
 
@@ -107,6 +109,14 @@ def block_grids(model: SwinTransformer) -> list[tuple[int, int]]:
     return grids
 
 
+def window_rule(method: Any) -> RestoreRule:
+    """The rule that restores the MLP's update in every window: the caller's, else ``reconstruct`` (``departure``
+    for a method whose default it is)."""
+    if getattr(method, "restore_chosen", False) or getattr(method, "default_restore", "departure") == "departure":
+        return method.restore_rule
+    return RestoreRule("reconstruct")
+
+
 def window_bias(attn: WindowAttention, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
     """The additive logits of every window (``windows x heads x A x A``): the relative-position bias plus, in a
     shifted block, the mask that keeps wrapped-around regions apart, as timm's fused path adds them."""
@@ -133,7 +143,7 @@ def reduced_block(blk: SwinTransformerBlock, x: torch.Tensor, i: int, method: An
     h, stats = attention(blk.attn, blk.norm1(windows), bias, method.needs(i, plan), has_cls=False,
                          transform=method.attn_transform(i, plan))
     windows = windows + blk.drop_path1(h)
-    state = TokenState(x=windows, num_prefix=0, grid=window).tracked(dense=True).replace(rule=method.restore_rule)
+    state = TokenState(x=windows, num_prefix=0, grid=window).tracked(dense=True).replace(rule=window_rule(method))
     state = method.reduce(i, method.begin(state, plan), stats, plan.amounts[i])
     update = blk.drop_path2(blk.mlp(blk.norm2(state.x)))
     # The update, not the feature, is restored: a patch whose token left keeps its own feature (left_x zero, a
@@ -219,7 +229,7 @@ def flops_report(model: SwinTransformer, method: Any = None, img_size: int | tup
         one = plan.block(i)
         overhead += count * method.overhead_macs(one, blk.dim, blk.attn.num_heads, 0)
         left = method.leaving(one)
-        restoring += count * restore_macs(method.restore_rule, left, [plan.tokens_in[i]], 0, plan.tokens_in[i],
+        restoring += count * restore_macs(window_rule(method), left, [plan.tokens_in[i]], 0, plan.tokens_in[i],
                                           blk.dim, plan.tokens_out[i])
         kept = count * plan.tokens_out[i]
         return tokens, kept, attn, mlp_macs(kept, blk.dim, blk.mlp.fc1.out_features)
@@ -247,7 +257,7 @@ def describe(model: SwinTransformer, method: Any = None, img_size: int | tuple[i
         "tokens_out": [b.tokens_out for b in report.blocks],
         "window_tokens_out": list(plan.tokens_out) if plan else [],
         "notes": list(report.notes),
-        "restore": None if method is None else method.restore_rule.as_dict(),
+        "restore": None if method is None else window_rule(method).as_dict(),
     }
 
 

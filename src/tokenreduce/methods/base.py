@@ -212,7 +212,7 @@ class Method:
     #: The restore rules of a dense output this method supports (``core.restore``) and its default, the one the
     #: dense benchmark shows best (``benchmarks/dense.py``).
     restore_rules: ClassVar[tuple[str, ...]] = ("departure", "nearest", "reconstruct", "ridge")
-    default_restore: ClassVar[str] = "reconstruct"
+    default_restore: ClassVar[str] = "ridge"
 
     def __init__(self, **options: Any) -> None:
         self.options = options
