@@ -185,7 +185,7 @@ def ridge_weights(leaving: torch.Tensor, remaining: torch.Tensor, lam: float, st
     centre, radius = lam + top / 2, top / 2  # the spectrum of A + lam I lies in centre +- radius
     gram = gram + lam * torch.eye(b.shape[1], device=b.device)
     steps = RIDGE_STEPS if steps is None else steps
-    # Chebyshev iteration (Saad, Iterative Methods for Sparse Linear Systems, alg. 12.1, in its three-term form).
+    # Chebyshev iteration in its three-term form (Barrett et al., Templates for the Solution of Linear Systems, 1994).
     solution, residual, direction = torch.zeros_like(rhs), rhs, torch.zeros_like(rhs)
     step = 1.0 / centre
     for k in range(steps):
