@@ -140,6 +140,33 @@ def test_ridge_chebyshev_steps_reach_the_exact_solve():
     torch.testing.assert_close(ridge_weights(leaving, remaining, 0.1).sum(-1), torch.ones(2, 8), rtol=0, atol=1e-5)
 
 
+def test_ridge_residual_after_k_steps_is_the_scaled_chebyshev_polynomial():
+    # The defining property of Chebyshev iteration on the bounds [lam, lam + ||A||_F] (centre c, radius r): after k
+    # steps the residual is p_k(A + lam I) rhs, with p_k(mu) = T_k((c - mu) / r) / T_k(c / r). Checked in float64 in
+    # the Gram's eigenbasis; any slip in the recurrence's coefficients breaks it.
+    from numpy.polynomial.chebyshev import chebval
+
+    from tokenreduce.core.restore import ridge_weights
+
+    generator = torch.Generator().manual_seed(2)
+    remaining = torch.randn(1, 12, 8, generator=generator, dtype=torch.float64)
+    leaving = torch.randn(1, 3, 8, generator=generator, dtype=torch.float64)
+    lam, steps = 0.1, 5
+    weights = ridge_weights(leaving, remaining, lam, steps=steps)
+    a, b = torch.nn.functional.normalize(leaving, dim=-1), torch.nn.functional.normalize(remaining, dim=-1)
+    mean = b.mean(1, keepdim=True)
+    a, b = (a - mean)[0], (b - mean)[0]
+    gram, rhs = b @ b.T, b @ a.T
+    solution = (weights[0] - 1 / 12).T  # the solve's columns sum to 0 (the features are centred)
+    residual = rhs - (gram + lam * torch.eye(12, dtype=torch.float64)) @ solution
+    centre, radius = lam + gram.norm() / 2, gram.norm() / 2
+    eigenvalues, basis = torch.linalg.eigh(gram)
+    degree = [0] * steps + [1]
+    scale = torch.from_numpy(chebval(((centre - eigenvalues - lam) / radius).numpy(), degree)
+                             / chebval(float(centre / radius), degree))
+    torch.testing.assert_close(residual, basis @ (scale[:, None] * (basis.T @ rhs)), rtol=0, atol=1e-8)
+
+
 def test_ridge_weights_move_smoothly_with_the_features():
     # The failure conjugate gradients had: stopped before converging, their step sizes (ratios of inner products)
     # turned rounding-level differences into 0.07 in the restored features. A fixed polynomial cannot.
