@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import InputError
+from ..core.restore import RestoreRule
 from ..core.state import TokenState
 
 BlockHook = Callable[[int, TokenState], None]
@@ -34,6 +35,15 @@ class Reduced:
     def __reduce_ex__(self, protocol: int) -> tuple:
         mixin = type(self).__bases__[0]
         return new_patched, (mixin, self._tokenreduce.original_class), self.__dict__
+
+
+def family_rule(method: Any, fallback: str) -> RestoreRule:
+    """The restore rule of a family whose blocks restore inside (Swin windows, PVT blocks): the caller's when they
+    chose one, the method's when it is ``departure`` (ToMe), else ``fallback``, the rule measured for that family
+    whatever the method's default for a plain ViT's dense output is."""
+    if getattr(method, "restore_chosen", False) or method.restore_rule.name == "departure":
+        return method.restore_rule
+    return RestoreRule(fallback)
 
 
 def patched_subclass(mixin: type, cls: type) -> type:

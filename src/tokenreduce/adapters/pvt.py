@@ -64,7 +64,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 def block_rule(method: Any) -> RestoreRule:
     """The rule of the per-block restore: the method's when the caller chose one, else ``departure``."""
-    return method.restore_rule if getattr(method, "restore_chosen", False) else RestoreRule("departure")
+    return common.family_rule(method, "departure")
 
 
 def blocks_of(model: PyramidVisionTransformerV2) -> list[Block]:

@@ -110,11 +110,8 @@ def block_grids(model: SwinTransformer) -> list[tuple[int, int]]:
 
 
 def window_rule(method: Any) -> RestoreRule:
-    """The rule that restores the MLP's update in every window: the caller's, else ``reconstruct`` (``departure``
-    for a method whose default it is)."""
-    if getattr(method, "restore_chosen", False) or getattr(method, "default_restore", "departure") == "departure":
-        return method.restore_rule
-    return RestoreRule("reconstruct")
+    """The rule that restores the MLP's update in every window: the caller's, else ``reconstruct``."""
+    return common.family_rule(method, "reconstruct")
 
 
 def window_bias(attn: WindowAttention, mask: torch.Tensor | None, windows: int) -> torch.Tensor:

@@ -186,15 +186,13 @@ def ridge_weights(leaving: torch.Tensor, remaining: torch.Tensor, lam: float, st
     gram = gram + lam * torch.eye(b.shape[1], device=b.device)
     steps = RIDGE_STEPS if steps is None else steps
     # Chebyshev iteration in its three-term form (Barrett et al., Templates for the Solution of Linear Systems, 1994).
-    solution, residual, direction = torch.zeros_like(rhs), rhs, torch.zeros_like(rhs)
+    solution, residual, direction = torch.zeros_like(rhs), rhs, rhs
     step = 1.0 / centre
     for k in range(steps):
         if k:
             beta = (radius * step) ** 2 / (2.0 if k == 1 else 4.0)
             step = 1.0 / (centre - beta / step)
             direction = residual + beta * direction
-        else:
-            direction = residual
         solution = solution + step * direction
         residual = residual - step * (gram @ direction)
     weights = solution.transpose(1, 2)
