@@ -113,9 +113,9 @@ def bipartite_match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
         scores[:, :, : num_prefix // 2].fill_(-torch.inf)
     best_score, best_dst = scores.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
-    src = order[:, :r]
+    src, rest = order.split([r, order.shape[1] - r], dim=1)  # one op for the two slices
     # The prefix A tokens (scores -inf) always stay and have the smallest indices: drop them from ``stay``.
-    kept = order[:, r:].sort(dim=-1).values
+    kept = rest.sort(dim=-1).values
     stay = kept[:, (num_prefix + 1) // 2:]
     return Matching(src, best_dst.gather(1, src), stay, num_prefix, metric.shape[1], kept)
 
@@ -142,15 +142,18 @@ def merge(t: torch.Tensor, m: Matching) -> torch.Tensor:
     [3.0, 2.0, 5.0]
     """
     prefix_b = m.num_prefix // 2
-    t_a, t_b = t[:, ::2], t[:, 1::2]
+    t_b = t[:, 1::2]
+    # A tokens are gathered from ``t`` by their rows there (A token i is row 2i), not from the strided view
+    # ``t[:, ::2]``: a gather from that view first copies all of A (about half the tokens) to make it contiguous.
+    sources = gather_tokens(t, m.src * 2)
     if m.kept is not None and prefix_b == 0:
         # No prefix token among B: the front (prefix and staying A tokens, in order) is one gather, B follows
         # whole, and the sources are added into their destinations in place (the same sums in the same order).
-        out = torch.cat([gather_tokens(t_a, m.kept), t_b], dim=1)
-        add_tokens_(out[:, m.kept.shape[1]:], m.dst, gather_tokens(t_a, m.src))
+        out = torch.cat([gather_tokens(t, m.kept * 2), t_b], dim=1)
+        add_tokens_(out[:, m.kept.shape[1]:], m.dst, sources)
         return out
-    t_b = t_b.scatter_add(1, m.dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), gather_tokens(t_a, m.src))
-    return torch.cat([t[:, : m.num_prefix], gather_tokens(t_a, m.stay), t_b[:, prefix_b:]], dim=1)
+    t_b = t_b.scatter_add(1, m.dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), sources)
+    return torch.cat([t[:, : m.num_prefix], gather_tokens(t, m.stay * 2), t_b[:, prefix_b:]], dim=1)
 
 
 def merge_destination(m: Matching) -> torch.Tensor:
@@ -302,10 +305,10 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         # channel). Not with gradients (the outputs then differed from the two merges in the last bit, so a model
         # would give other outputs with and without no_grad) nor while exporting (torch.export's stride
         # propagation through the channel slices broke a later view).
-        channels = state.x.shape[-1]
-        merged = merge(torch.cat([state.x * size, size], dim=-1), m)
-        new_size = merged[..., channels:]
-        new_x = merged[..., :channels] / new_size
+        widths = [state.x.shape[-1], size.shape[-1]]
+        weighted = state.x if state.size is None else state.x * size  # sizes all 1: x * 1 is x, bit for bit
+        merged_x, new_size = merge(torch.cat([weighted, size], dim=-1), m).split(widths, dim=-1)
+        new_x = merged_x / new_size
     else:
         new_size = merge(size, m)
         new_x = merge(state.x * size, m) / new_size
