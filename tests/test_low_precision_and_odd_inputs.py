@@ -3,6 +3,7 @@ user's way. Each test here failed on the commit before (8dc7d15)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenreduce as tr
 from tokenreduce.core.attention import attend
 from tokenreduce.core.ops import bipartite_match
+from tokenreduce.core.precision import decide
 from tokenreduce.core.restore import RestoreRule, similarity_links
 
 METHODS = sorted(REDUCING)
@@ -27,6 +29,16 @@ def _bf16_keys(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(1, 1, 16, generator=g)
     return (base + 0.05 * torch.randn(2, 64, 16, generator=g)).bfloat16()
+
+
+def test_decide_turns_autocast_off_inside_autocast_and_is_a_null_context_without_it():
+    x = torch.ones(4, 4)
+    assert isinstance(decide(x), contextlib.nullcontext)  # no autocast: nothing to turn off, no Python cost
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+        with decide(x):
+            assert (x @ x).dtype == torch.float32
+        assert (x @ x).dtype == torch.bfloat16  # autocast is back after the decision
 
 
 @pytest.mark.parametrize("dtype", LOW)
