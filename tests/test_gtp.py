@@ -463,6 +463,36 @@ def test_map_statistics_equal_the_full_map(kernel, chunk_elements):
         assert torch.equal(stats["diag"], full["attn"].diagonal(dim1=-2, dim2=-1))
 
 
+@pytest.mark.parametrize("chunk_elements", [3 * 3 * 7, None])  # three query rows of one image; the whole batch
+def test_mean_query_row_of_a_model_without_cls_comes_from_the_chunks(chunk_elements, monkeypatch):
+    """Without a CLS token the "CLS row" (Top-K, EViT, PPT) is the mean of all query rows: made from the chunks'
+    column sums, never from the whole map (video: 1,568 tokens); with one chunk, bit for bit the full map's mean."""
+    from tokenreduce.core import attention
+
+    q, k, v = torch.randn(3, 5, 3, 7, 8, generator=torch.Generator().manual_seed(2)).unbind(0)
+    bias = torch.rand(5, 1, 1, 7, generator=torch.Generator().manual_seed(3)).add(0.5).log()
+    reference, full = attention.attend(q, k, v, 8 ** -0.5, bias, need=("attn",), fused=False)
+    if chunk_elements is not None:
+        monkeypatch.setattr(attention, "MAP_CHUNK_ELEMENTS", chunk_elements)
+    made, map_chunk = [], attention._map_chunk
+
+    def recorded(*args):
+        probs = map_chunk(*args)
+        made.append(probs.numel())
+        return probs
+
+    monkeypatch.setattr(attention, "_map_chunk", recorded)
+    out, stats = attention.attend(q, k, v, 8 ** -0.5, bias, need=("cls_attn",), has_cls=False)
+    assert set(stats) == {"cls_attn"} and stats["cls_attn"].dtype == torch.float32
+    if chunk_elements is None:
+        assert made == [5 * 3 * 7 * 7]
+        assert torch.equal(stats["cls_attn"], full["attn"].mean(dim=2)) and torch.equal(out, reference)
+    else:
+        assert max(made) == chunk_elements and len(made) == 5 * 3  # 3 row blocks (3, 3, 1 rows) per image
+        torch.testing.assert_close(stats["cls_attn"], full["attn"].mean(dim=2), atol=1e-7, rtol=0)
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+
+
 def test_map_statistics_refuse_an_unknown_kernel():
     from tokenreduce.core.attention import map_statistics
 

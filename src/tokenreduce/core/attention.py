@@ -13,7 +13,7 @@ Statistics a method may ask for (by name; over the key tokens, from the queries)
 
 - ``"metric"``: the keys averaged over heads, ``B x N x d_head`` (ToMe's similarity metric).
 - ``"cls_attn"``: post-softmax attention of the CLS query, ``B x H x N``; for a model without a CLS
-  token, the mean over all query rows.
+  token, the mean over all query rows (the column sums over N, made chunk by chunk as ``"col_sum"``).
 - ``"value_norm"``: L2 norm of every token's value vector, heads concatenated, ``B x N``.
 - ``"col_sum"``: post-softmax attention summed over the queries, per head, ``B x H x N`` (GTP's selection).
 - ``"diag"``: the diagonal of the post-softmax map (each token's attention to itself), per head, ``B x H x N``.
@@ -250,12 +250,14 @@ def attend(
     bias = None if size_bias is None else as_dtype(size_bias, q.dtype)
     stats: dict[str, torch.Tensor] = {}
     # The keys the CLS row and the metric rank by, upcast once (k itself in float32; unused otherwise).
-    k32 = at_least_float32(k) if need & {"cls_attn", "metric"} else k
+    k32 = at_least_float32(k) if "metric" in need or ("cls_attn" in need and has_cls) else k
 
-    # Without a CLS token the "CLS row" is the mean of all rows: that needs the whole map anyway, so compute it
-    # once and take the output from it rather than a second Q K^T beside the fused kernel.
-    full_map = ("attn" in need or transform is not None or not fused or ("cls_attn" in need and not has_cls)
-                or (dropout > 0 and bool(need & MAP_STATISTICS)))  # the chunks apply no dropout
+    # Without a CLS token the "CLS row" is the mean of all rows: the column sums over N, which the map's chunks
+    # make (``map_statistics``) with the output, so the B x H x N x N map never exists whole (video: 1,568 tokens).
+    mean_row = "cls_attn" in need and not has_cls
+    map_need = need & MAP_STATISTICS | ({"col_sum"} if mean_row else set())
+    full_map = ("attn" in need or transform is not None or not fused
+                or (dropout > 0 and bool(map_need)))  # the chunks apply no dropout
     if full_map:
         # A map a method reads (or thresholds, GTP's sparsification) is made in float32; otherwise in the
         # model's dtype, as the model itself would.
@@ -278,14 +280,17 @@ def attend(
             stats["cls_attn"] = probs[:, :, 0] if has_cls else probs.mean(dim=2)
         out = as_dtype(probs if attn_drop is None else attn_drop(probs), v.dtype) @ v
     else:
-        if need & MAP_STATISTICS:
-            out, stats = map_statistics(q, k, v, scale, size_bias, need & MAP_STATISTICS)
+        if map_need:
+            out, stats = map_statistics(q, k, v, scale, size_bias, map_need)
+            if mean_row:  # the mean over the query rows, as probs.mean(dim=2) divides their sum
+                column = stats["col_sum"] if "col_sum" in need else stats.pop("col_sum")
+                stats["cls_attn"] = column / q.shape[2]
         else:
             # The default scale is passed as None, so the kernel runs exactly as in the models we patch.
             default = scale == q.shape[-1] ** -0.5
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                                  scale=None if default else scale)
-        if "cls_attn" in need:
+        if "cls_attn" in need and has_cls:
             with decide(q):
                 row = _add_bias((at_least_float32(q[:, :, :1]) * scale) @ k32.transpose(-2, -1),
                                 None if bias is None else at_least_float32(size_bias))
