@@ -12,9 +12,11 @@ What a patched model returns (the model's own output dataclass, same fields and 
 - ``last_hidden_state`` and ``hidden_states``: the **restored full token grid** (``core.ops.restore``),
   ``B x (prefix + t*h*w) x C``, with the final norm where the model has one.
 - VideoMAE's classifier averages the restored grid (``fc_norm(mean)``; for merged tokens that is the size-weighted
-  mean of the reduced tokens, a pruned tubelet counts with the feature it had when it left), so ``forward`` is
-  exactly ``head(pool(features))`` of the features a user reads; without mean pooling it reads the restored
-  token 0, as transformers does. ViViT's classifier and pooler read the CLS token, which never moves.
+  mean of the reduced tokens, a tubelet that left counts with the feature the restore rule gives it: under
+  ``restore="departure"`` the one it had when it left, under the Top-K / EViT / GTP / PPT default ``ridge`` a
+  regression counted in ``tr.flops``), so ``forward`` is exactly ``head(pool(features))`` of the features a user
+  reads; without mean pooling it reads the restored token 0, as transformers does. ViViT's classifier and pooler
+  read the CLS token, which never moves.
 - ``output_attentions``, ``attention_mask``, ``head_mask`` and VideoMAE's ``bool_masked_pos`` are refused
   (``InputError``): they address tokens that are merged or gone. ``labels`` gives the model's own loss.
 
