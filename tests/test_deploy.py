@@ -203,3 +203,20 @@ def test_aot_inductor_package_equals_eager(tmp_path):
         images = check_images(count)
         with torch.inference_mode():
             torch.testing.assert_close(runner(images), model(images), rtol=0, atol=1e-5)
+
+
+@needs_openvino
+@pytest.mark.parametrize(("case", "method"), [(CASE, "gtp"), ("vit_base_patch16_gap_224", "topk")])
+def test_openvino_direct_conversion_of_a_chunked_map_keeps_the_batch_axis(case, method, tmp_path, monkeypatch):
+    """A map over the chunk budget is made a few images at a time in eager code (GTP's statistics; the mean row of a
+    model without CLS); traced for OpenVINO it is one chunk, so the graph does not unroll the example's batch. GTP's
+    spatial graph starts from a cold cache (a fresh process): the trace and its check trace must not differ."""
+    from tokenreduce.core import attention
+
+    monkeypatch.setattr(attention, "MAP_CHUNK_ELEMENTS", 2 * 37 * 37)  # less than one image's map in eager
+    monkeypatch.setattr(sys.modules["tokenreduce.methods.gtp"], "_SPATIAL_CACHE", {})
+    model = tr.patch(make_model(case, depth=DEPTH), method, **REDUCING[method])
+    tr.export_openvino(model, tmp_path / "m.xml", source="torch", images=check_images(4))
+    batch = check_images(7)
+    got = openvino_model(tmp_path / "m.xml", threads=1)(batch.numpy())[0]
+    np.testing.assert_allclose(got, reference(model, batch), rtol=0, atol=1e-4)

@@ -164,8 +164,8 @@ def map_statistics(
 
     ``kernel="chunked"`` takes the output from the same chunks (``probs @ v``, the reference arithmetic);
     ``"fused"`` from ``F.scaled_dot_product_attention``, the chunks then only make the statistics; ``"auto"``:
-    chunked on CPU, fused elsewhere. Under ``torch.compile`` or export the whole batch is one chunk (the
-    compiler fuses it; a loop over the batch would unroll per batch size).
+    chunked on CPU, fused elsewhere. Under ``torch.compile`` or export (``torch.export``, TorchScript tracing) the
+    whole batch is one chunk (the compiler fuses it; a loop over the batch would unroll for the example's batch).
 
     >>> q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
     >>> out, stats = map_statistics(q, k, v, 0.5, chunk_elements=50)  # one image (2 x 5 x 5) per chunk
@@ -182,7 +182,7 @@ def map_statistics(
     bias = None if size_bias is None else as_dtype(size_bias, q.dtype)
     bias32 = None if size_bias is None else at_least_float32(size_bias)  # the map's bias, float32 like the map
     budget = MAP_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    if torch.compiler.is_compiling() or batch * heads * num_q * num_k <= budget:
+    if torch.compiler.is_compiling() or exporting() or batch * heads * num_q * num_k <= budget:
         # One chunk: the reference arithmetic as it is (the compiler fuses it; a Python loop would unroll).
         probs = _map_chunk(q, k, scale, bias32)
         out = as_dtype(probs, v.dtype) @ v if kernel == "chunked" else None

@@ -247,7 +247,10 @@ def depart(state: TokenState, keep_index: torch.Tensor, leave_index: torch.Tenso
     """
     if state.left is None:
         return state
-    leaving = torch.zeros(state.x.shape[:2], dtype=torch.bool, device=state.x.device).scatter(1, leave_index, True)
+    # A tensor source while exporting: TorchScript tracing (OpenVINO's direct conversion) has no scatter with a
+    # bool scalar.
+    marks = torch.ones_like(leave_index, dtype=torch.bool) if exporting() else True
+    leaving = torch.zeros(state.x.shape[:2], dtype=torch.bool, device=state.x.device).scatter(1, leave_index, marks)
     rule = state.rule
     if rule is None or not rule.tracks_weights or leave_index.shape[1] == 0:
         return record_departures(state, leaving)

@@ -73,9 +73,10 @@ def spatial_graph(grid: tuple[int, ...], device: torch.device | str = "cpu") -> 
 
 def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _exporting():
         # Traced into the graph, never read from the cache: a guard on the cache's contents would fail once the
-        # first compiled call filled it, and the second call of that shape would recompile.
+        # first compiled call filled it, and the second call of that shape would recompile; a TorchScript trace
+        # (OpenVINO's direct conversion) that filled the cold cache would differ from its check trace, which reads it.
         return _build_spatial(key[0], device)
     graphs = _SPATIAL_CACHE.get(key)  # one lookup: another thread may clear the cache between two
     if graphs is None:
