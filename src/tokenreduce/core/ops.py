@@ -61,6 +61,18 @@ def unkeep(kept: torch.Tensor, index: torch.Tensor, into: torch.Tensor) -> torch
     return into.scatter(1, index.unsqueeze(-1).expand(-1, -1, kept.shape[-1]), kept)
 
 
+def marked(shape: tuple[int, ...], dim: int, index: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor of ``shape``, True at ``index`` along ``dim`` (a ``scatter`` into zeros). The source is a
+    boolean tensor, not the scalar True: TorchScript tracing (OpenVINO's direct conversion) has no scatter with a
+    bool scalar.
+
+    >>> marked((1, 4), 1, torch.tensor([[1, 3]])).tolist()
+    [[False, True, False, True]]
+    """
+    marks = torch.ones_like(index, dtype=torch.bool)
+    return torch.zeros(shape, dtype=torch.bool, device=index.device).scatter(dim, index, marks)
+
+
 def kept_destination(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """New position of every old token after :func:`keep` with ``index``, ``B x N`` (-1 where dropped).
 
@@ -247,10 +259,7 @@ def depart(state: TokenState, keep_index: torch.Tensor, leave_index: torch.Tenso
     """
     if state.left is None:
         return state
-    # A tensor source while exporting: TorchScript tracing (OpenVINO's direct conversion) has no scatter with a
-    # bool scalar.
-    marks = torch.ones_like(leave_index, dtype=torch.bool) if exporting() else True
-    leaving = torch.zeros(state.x.shape[:2], dtype=torch.bool, device=state.x.device).scatter(1, leave_index, marks)
+    leaving = marked(state.x.shape[:2], 1, leave_index)
     rule = state.rule
     if rule is None or not rule.tracks_weights or leave_index.shape[1] == 0:
         return record_departures(state, leaving)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..core.attention import as_dtype, diagonal_of, exporting
 from ..core.errors import InputError, InputTypeError
-from ..core.ops import depart, gather_tokens, kept_destination, remap_owner
+from ..core.ops import depart, gather_tokens, kept_destination, marked, remap_owner
 from ..core.precision import decide
 from ..core.state import TokenState
 from .base import Method, Plan, register, resolve_r, validate_r
@@ -116,9 +116,7 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
         similarity = unit @ unit.transpose(1, 2)
         similarity = _exclude_self(similarity)
         neighbours = similarity.topk(k, dim=-1).indices
-        adjacency = torch.zeros(similarity.shape, dtype=torch.bool, device=tokens.device)
-        # A tensor source: TorchScript tracing (OpenVINO's direct conversion) has no scatter with a bool scalar.
-        return adjacency.scatter(2, neighbours, torch.ones_like(neighbours, dtype=torch.bool))
+        return marked(similarity.shape, 2, neighbours)
 
 
 def _exclude_self(similarity: torch.Tensor) -> torch.Tensor:
@@ -343,8 +341,7 @@ class GTP(Method):
     def reduce(self, block: int, state: TokenState, stats: dict[str, torch.Tensor], amount: int) -> TokenState:
         x, num_prefix = state.x, state.num_prefix
         batch, num_tokens, _ = x.shape
-        graph, alive = state.extras[FLAT_GRAPH_KEY], state.extras[ALIVE_KEY]
-        n0 = state.extras[GRAPH_KEY].shape[-1]
+        graph, alive = state.extras[GRAPH_KEY], state.extras[ALIVE_KEY]
 
         # Scores of every token, the prefix tokens' +inf: the stable ascending order lists the image tokens as the
         # image-token scores would and the prefix tokens last, so its indices are token indices as they are.
@@ -360,10 +357,11 @@ class GTP(Method):
         alive_next = alive.gather(1, index)
         alive_kept, alive_propagated = alive_next[:, num_prefix:], alive.gather(1, propagated_index)
         if batch == 1:  # one image (latency): the columns R, then the rows K, four ops instead of seven
-            weights = state.extras[GRAPH_KEY].index_select(2, alive_propagated[0]).index_select(1, alive_kept[0])
-        else:
-            flat_index = (alive_kept * n0).unsqueeze(-1) + alive_propagated.unsqueeze(1)
-            weights = graph.gather(1, flat_index.flatten(1)).view(batch, alive_kept.shape[1], amount)
+            weights = graph.index_select(2, alive_propagated[0]).index_select(1, alive_kept[0])
+        else:  # per image: one gather of the entries (k, r) from the flattened graph
+            flat_index = (alive_kept * graph.shape[-1]).unsqueeze(-1) + alive_propagated.unsqueeze(1)
+            flat_graph = state.extras[FLAT_GRAPH_KEY]
+            weights = flat_graph.gather(1, flat_index.flatten(1)).view(batch, alive_kept.shape[1], amount)
 
         scaled = weights * self.alpha
         size = state.size
