@@ -2,8 +2,8 @@
 every training-free method at about 65% of the unreduced GMACs, run in ONNX Runtime: top-1 in float32 and int8 and
 the speed of int8 plus reduction against float32 unreduced, measured side by side.
 
-    python benchmarks/int8_export.py                       # 1,000 frontier images -> results/int8_export.json
-    python benchmarks/int8_export.py --images 2000         # the whole frontier set
+    python benchmarks/int8_export.py                       # the 2,000 frontier images -> results/int8_export.json
+    python benchmarks/int8_export.py --images 1000         # the first 1,000 (100 per class)
     python benchmarks/int8_export.py --table               # the markdown table of the JSON (no run)
     python benchmarks/int8_export.py --model-kwargs "depth=2,embed_dim=48,num_heads=2,img_size=28" --images 8 \\
         --rounds 1 --out /tmp/e.json                      # a test size (random weights)
@@ -12,10 +12,12 @@ Per setting (unreduced, then each method at ``--level`` x the unreduced GMACs, `
 float32 graph and one int8 graph per ``--recipes`` entry (``--mode``, default dynamic; SmoothQuant's ranges and the
 static calibration from ``--calibration`` CIFAR-10 *training* images, never the evaluated ones), each made by
 ``tr.export_onnx`` exactly as a user's call makes it (checked against PyTorch before it is written). Accuracy: top-1
-on the first ``--images`` frontier images (``deploy.cifar_images``: class by class in turn) and agreement with the
-same setting's float32 graph. Speed (measurement.md): per batch size, every graph timed interleaved in one process
-(``deploy.time_group``: warm-up, ``--rounds`` rounds, order rotated), the paired median ratio against the unreduced
-float32 graph (int8 + reduction combined) and against the same recipe's unreduced int8 graph (reduction alone).
+on the first ``--images`` frontier images (``deploy.cifar_images``: class by class in turn), agreement with the
+same setting's float32 graph, and the images int8 fixed and broke against it with the exact McNemar p-value of
+that split (``paired.py``: is the top-1 change more than int8's own flips in both directions?). Speed
+(measurement.md): per batch size, every graph timed interleaved in one process (``deploy.time_group``: warm-up,
+``--rounds`` rounds, order rotated), the paired median ratio against the unreduced float32 graph (int8 + reduction
+combined) and against the same recipe's unreduced int8 graph (reduction alone).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from deploy import (
     time_group,
     training_free_methods,
 )
+from paired import paired_change
 from tqdm import tqdm
 
 import tokenreduce as tr
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "max_abs_diff_float_graph": result.max_abs_diff}
                 if recipe is not None:
                     row[precision]["top1_delta"] = row[precision]["top1"] - row["float32"]["top1"]
+                    row[precision].update(paired_change(predictions["float32"], predictions[precision],
+                                                        labels.numpy()))
             rows.append(row)
         speed = {}
         for batch_size in args.batch_sizes:
@@ -114,13 +119,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     recipes = result["recipes"]
-    head = " | ".join(f"{r}: top-1 (change; agreement)" for r in recipes)
+    head = " | ".join(f"{r}: top-1 (change, McNemar p; agreement)" for r in recipes)
     speed_head = " | ".join(f"b{b} fp32 / {' / '.join(recipes)}" for b in result["rows"][0]["speed"])
     lines = [f"| setting | GMACs | float32 top-1 | {head} | {speed_head} |",
              "|---|---:|---:|" + "---:|" * (len(recipes) + len(result["rows"][0]["speed"]))]
     for row in result["rows"]:
-        cells = [f"{row[r]['top1']:.1f} ({row[r]['top1_delta']:+.1f}; {row[r]['agreement_with_float32']:.1f})"
-                 for r in recipes]
+        cells = [f"{row[r]['top1']:.1f} ({row[r]['top1_delta']:+.1f}"
+                 + (f", p {row[r]['mcnemar_p']:.2f}" if "mcnemar_p" in row[r] else "")  # older runs: no p
+                 + f"; {row[r]['agreement_with_float32']:.1f})" for r in recipes]
         speeds = [" / ".join(f"{row['speed'][b][p]['speedup_vs_float32_unreduced']:.2f}x"
                              for p in ("float32", *recipes)) for b in row["speed"]]
         lines.append(f"| {row['setting']} | {row['gmacs_ratio']:.0%} | {row['float32']['top1']:.1f} | "
@@ -130,7 +136,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1000, help="first N frontier images (2,000 = all)")
+    parser.add_argument("--images", type=int, default=2000, help="first N frontier images (2,000 = all)")
     parser.add_argument("--calibration", type=int, default=64, help="CIFAR-10 train images for the ranges")
     parser.add_argument("--recipes", default="smooth,per-tensor",
                         help=f"comma-separated int8 recipes (of {', '.join(tr.export.INT8_RECIPES)})")

@@ -55,6 +55,7 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier  # noqa: E402  (the classifier, its images and their cache)
+from paired import paired_change  # noqa: E402
 
 import tokenreduce as tr  # noqa: E402
 
@@ -407,8 +408,9 @@ def report(args: argparse.Namespace) -> None:
                   f"{round(100 * after['level'])}% of the unreduced GMACs; CPU: {after['cpu']} "
                   f"({after['threads']} threads), torch {after['torch']}. Top-1 in %, and the share of images whose "
                   "low-precision prediction equals the float32 one (agreement).", "",
-                  "| method | mode | float32 top-1 | top-1 before | top-1 after | agreement before | agreement after |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| method | mode | float32 top-1 | top-1 before | top-1 after | after: fixed / broken (McNemar p) "
+                  "| agreement before | agreement after |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         by_before = {r["method"]: r for r in before["rows"]} if before else {}
         for row in after["rows"]:
             full = torch.tensor(row["float32"]["predictions"])
@@ -421,14 +423,17 @@ def report(args: argparse.Namespace) -> None:
                         low = torch.tensor(source[mode]["predictions"])
                         cells[label] = (float((low == labels).float().mean()) * 100,
                                         float((low == full).float().mean()) * 100)
+                # Is the top-1 change more than the flips both ways? (paired.py: exact McNemar test)
+                change = paired_change(full.numpy(), row[mode]["predictions"], labels.numpy())
                 summary.setdefault(row["method"], {})[mode] = {
                     "float32_top1": row["float32"]["top1"], **{f"{k}_top1": v[0] for k, v in cells.items()},
-                    **{f"{k}_agreement": v[1] for k, v in cells.items()}}
+                    **{f"{k}_agreement": v[1] for k, v in cells.items()}, "after_change": change}
 
                 def cell(label: str, i: int, cells: dict = cells) -> str:
                     return f"{cells[label][i]:.2f}" if label in cells else ""
                 lines.append(f"| {row['method']} | {MODES[mode]} | {row['float32']['top1']:.2f} | {cell('before', 0)} "
-                             f"| {cell('after', 0)} | {cell('before', 1)} | {cell('after', 1)} |")
+                             f"| {cell('after', 0)} | {change['fixed']} / {change['broken']} "
+                             f"({change['mcnemar_p']:.2f}) | {cell('before', 1)} | {cell('after', 1)} |")
         lines.append("")
         lines += native_comparison(Path(args.dir) / "native100", after, summary)
     replayed = runs.get("replay_after")

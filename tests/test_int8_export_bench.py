@@ -35,6 +35,10 @@ def test_int8_export_benchmark_at_a_tiny_size(tmp_path, capsys):
         for recipe in ("smooth", "per-tensor"):
             assert row[recipe]["top1_delta"] == pytest.approx(row[recipe]["top1"] - row["float32"]["top1"])
             assert 0 <= row[recipe]["agreement_with_float32"] <= 100 and row[recipe]["check_cosine"] >= 0.9
+            # The paired counts make the change: (fixed - broken) images of 4, in points.
+            change = row[recipe]["fixed"] - row[recipe]["broken"]
+            assert row[recipe]["top1_delta"] == pytest.approx(100 * change / 4)
+            assert 0 < row[recipe]["mcnemar_p"] <= 1
         assert set(row["speed"]) == {"1", "2"}
         for timings in row["speed"].values():
             assert set(timings) == {"float32", "smooth", "per-tensor"}
@@ -55,3 +59,15 @@ def test_unknown_recipe_or_method_is_refused(capsys):
     with pytest.raises(SystemExit):
         script.main(["--methods", "tome,stvit"])
     assert "unknown --methods ['stvit']" in capsys.readouterr().err
+
+
+def test_mcnemar_and_paired_change():
+    script = benchmark_script("paired.py")
+    assert script.mcnemar_p(0, 0) == 1.0 and script.mcnemar_p(5, 5) == 1.0
+    assert script.mcnemar_p(0, 6) == pytest.approx(2 / 64)  # both tails of 6 coin flips all alike
+    assert script.mcnemar_p(1, 6) == script.mcnemar_p(6, 1) == pytest.approx(2 * 8 / 128)
+    np = pytest.importorskip("numpy")
+    labels = np.array([0, 0, 0, 0, 1])
+    change = script.paired_change(np.array([0, 1, 1, 0, 2]), np.array([0, 0, 1, 1, 3]), labels)
+    assert (change["fixed"], change["broken"]) == (1, 1)  # image 1 fixed, image 3 broken; image 4 wrong in both
+    assert change["top1_delta_se"] == pytest.approx(100 * 2 ** 0.5 / 5)

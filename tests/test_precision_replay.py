@@ -48,3 +48,24 @@ def test_replay_reduces_the_float32_tokens_where_bf16_alone_does_not(precision, 
     full, replayed, alone = owners(precision, name, *FLIPPING[name])
     assert (alone != full).any()  # bf16 deciding alone flips some patches here ...
     assert torch.equal(replayed, full)  # ... and none with the float32 decisions replayed
+
+
+def test_report_gives_the_paired_change_and_its_mcnemar_p(precision, tmp_path):
+    """The report's classify table: beside top-1, the images bf16 fixed and broke against float32 and the exact
+    McNemar p-value of that split (a top-1 change within the flips both ways is noise)."""
+    import json
+
+    labels = [0] * 20
+    float32 = [0] * 10 + [1] * 10            # 10 right
+    bf16 = [1] + [0] * 9 + [0] * 6 + [1] * 4  # 1 broken, 6 fixed: 15 right
+    run = {"kind": "classify", "label": "after", "images": 20, "level": 0.65, "cpu": "test", "threads": 1,
+           "torch": "x", "labels": labels,
+           "rows": [{"method": "tome", "float32": {"top1": 50.0, "predictions": float32},
+                     "autocast": {"top1": 75.0, "predictions": bf16}}]}
+    (tmp_path / "classify_after.json").write_text(json.dumps(run))
+    precision.main(["report", "--dir", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| tome | bf16 autocast | 50.00 |  | 75.00 | 6 / 1 (0.12) |  | 65.00 |" in table
+    change = json.loads((tmp_path / "precision.json").read_text())["summary"]["tome"]["autocast"]["after_change"]
+    assert (change["fixed"], change["broken"]) == (6, 1)
+    assert change["mcnemar_p"] == pytest.approx(2 * (1 + 7) / 2**7)
