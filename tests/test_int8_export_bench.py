@@ -71,3 +71,37 @@ def test_mcnemar_and_paired_change():
     change = script.paired_change(np.array([0, 1, 1, 0, 2]), np.array([0, 0, 1, 1, 3]), labels)
     assert (change["fixed"], change["broken"]) == (1, 1)  # image 1 fixed, image 3 broken; image 4 wrong in both
     assert change["top1_delta_se"] == pytest.approx(100 * 2 ** 0.5 / 5)
+
+
+def test_paired_counts_compare_each_int8_graph_with_its_float32_graph(tmp_path, monkeypatch):
+    """The counts come from the int8 graph's predictions against the float32 graph's: an int8 runner that moves every
+    prediction to the next class must show up as a changed prediction for every image, fixed or broken or neither."""
+    script = benchmark_script("int8_export.py")
+    real_runner, seen = script.ort_runner, []
+
+    def runner(path, threads):
+        run = real_runner(path, threads)
+        if "float32" in path.name:
+            return run
+        return lambda batch: np.roll(run(batch), 1, axis=1)  # argmax + 1 (mod classes) for every image
+
+    def spy(reference, predicted, labels):
+        seen.append((reference.copy(), predicted.copy(), labels.copy()))
+        return paired_change(reference, predicted, labels)
+
+    np = pytest.importorskip("numpy")
+    paired_change = benchmark_script("paired.py").paired_change
+    monkeypatch.setattr(script, "ort_runner", runner)
+    monkeypatch.setattr(script, "paired_change", spy)
+    out = tmp_path / "e.json"
+    assert script.main(["--model-kwargs", "depth=4,embed_dim=32,num_heads=2,img_size=56", "--methods", "tome",
+                        "--recipes", "smooth", "--images", "4", "--calibration", "4", "--rounds", "1",
+                        "--warmup", "0", "--min-time", "0", "--batch-sizes", "1", "--threads", "1",
+                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(seen) == len(rows) == 2
+    for (reference, predicted, labels), row in zip(seen, rows, strict=True):
+        assert (predicted != reference).all() and row["smooth"]["agreement_with_float32"] == 0.0
+        right, right_int8 = reference == labels, predicted == labels
+        assert row["smooth"]["fixed"] == int((right_int8 & ~right).sum())
+        assert row["smooth"]["broken"] == int((right & ~right_int8).sum())
