@@ -124,9 +124,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"| setting | GMACs | float32 top-1 | {head} | {speed_head} |",
              "|---|---:|---:|" + "---:|" * (len(recipes) + len(result["rows"][0]["speed"]))]
     for row in result["rows"]:
-        cells = [f"{row[r]['top1']:.1f} ({row[r]['top1_delta']:+.1f}"
-                 + (f", p {row[r]['mcnemar_p']:.2f}" if "mcnemar_p" in row[r] else "")  # older runs: no p
-                 + f"; {row[r]['agreement_with_float32']:.1f})" for r in recipes]
+        cells = [f"{row[r]['top1']:.1f} ({row[r]['top1_delta']:+.1f}, p {row[r]['mcnemar_p']:.2f}; "
+                 f"{row[r]['agreement_with_float32']:.1f})" for r in recipes]
         speeds = [" / ".join(f"{row['speed'][b][p]['speedup_vs_float32_unreduced']:.2f}x"
                              for p in ("float32", *recipes)) for b in row["speed"]]
         lines.append(f"| {row['setting']} | {row['gmacs_ratio']:.0%} | {row['float32']['top1']:.1f} | "

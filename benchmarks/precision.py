@@ -424,7 +424,7 @@ def report(args: argparse.Namespace) -> None:
                         cells[label] = (float((low == labels).float().mean()) * 100,
                                         float((low == full).float().mean()) * 100)
                 # Is the top-1 change more than the flips both ways? (paired.py: exact McNemar test)
-                change = paired_change(full.numpy(), row[mode]["predictions"], labels.numpy())
+                change = paired_change(row["float32"]["predictions"], row[mode]["predictions"], after["labels"])
                 summary.setdefault(row["method"], {})[mode] = {
                     "float32_top1": row["float32"]["top1"], **{f"{k}_top1": v[0] for k, v in cells.items()},
                     **{f"{k}_agreement": v[1] for k, v in cells.items()}, "after_change": change}

@@ -73,7 +73,7 @@ def spatial_graph(grid: tuple[int, ...], device: torch.device | str = "cpu") -> 
 
 def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (tuple(int(g) for g in grid), device)
-    if torch.compiler.is_compiling() or _exporting():
+    if torch.compiler.is_compiling() or exporting():
         # Traced into the graph, never read from the cache: a guard on the cache's contents would fail once the
         # first compiled call filled it, and the second call of that shape would recompile; a TorchScript trace
         # (OpenVINO's direct conversion) that filled the cold cache would differ from its check trace, which reads it.
@@ -86,11 +86,6 @@ def _spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
             _SPATIAL_CACHE.clear()
         _SPATIAL_CACHE[key] = graphs
     return graphs
-
-
-def _exporting() -> bool:
-    """Whether ``torch.export`` or TorchScript is tracing (``core.attention.exporting``)."""
-    return exporting()
 
 
 def _build_spatial(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +117,7 @@ def semantic_adjacency(tokens: torch.Tensor, k: int) -> torch.Tensor:
 def _exclude_self(similarity: torch.Tensor) -> torch.Tensor:
     """``similarity`` (``B x n x n``) with -inf on its diagonal: in place, or, while exporting (the exporter
     cannot translate a fill through a diagonal view), out of place with the same values."""
-    if _exporting():
+    if exporting():
         eye = torch.eye(similarity.shape[-1], dtype=torch.bool, device=similarity.device)
         return similarity.masked_fill(eye, -math.inf)
     similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
