@@ -5,6 +5,10 @@ the speed of int8 plus reduction against float32 unreduced, measured side by sid
     python benchmarks/int8_export.py                       # the 2,000 frontier images -> results/int8_export.json
     python benchmarks/int8_export.py --images 1000         # the first 1,000 (100 per class)
     python benchmarks/int8_export.py --table               # the markdown table of the JSON (no run)
+    python benchmarks/int8_export.py --split heldout --recipes smooth --batch-sizes ""
+                                                           # 2,000 other images, no timing -> int8_export_heldout.json
+    python benchmarks/int8_export.py --pooled benchmarks/results/int8_export.json \\
+        benchmarks/results/int8_export_heldout.json        # each setting's int8 change over both samples (no run)
     python benchmarks/int8_export.py --model-kwargs "depth=2,embed_dim=48,num_heads=2,img_size=28" --images 8 \\
         --rounds 1 --out /tmp/e.json                      # a test size (random weights)
 
@@ -14,7 +18,11 @@ static calibration from ``--calibration`` CIFAR-10 *training* images, never the 
 ``tr.export_onnx`` exactly as a user's call makes it (checked against PyTorch before it is written). Accuracy: top-1
 on the first ``--images`` frontier images (``deploy.cifar_images``: class by class in turn), agreement with the
 same setting's float32 graph, and the images int8 fixed and broke against it with the exact McNemar p-value of
-that split (``paired.py``: is the top-1 change more than int8's own flips in both directions?). Speed
+that split (``paired.py``: is the top-1 change more than int8's own flips in both directions?). ``--split heldout``
+measures the same on other images: CIFAR-10 training images after the calibration and check images (which the
+export reads), class by class in turn; a second sample of the same int8 change, to tell a real shift from the
+noise of one sample of 2,000; ``--pooled`` adds up the images int8 fixed and broke in several such JSONs (each
+on its own images) into one change per setting. Speed
 (measurement.md): per batch size, every graph timed interleaved in one process (``deploy.time_group``: warm-up,
 ``--rounds`` rounds, order rotated), the paired median ratio against the unreduced float32 graph (int8 + reduction
 combined) and against the same recipe's unreduced int8 graph (reduction alone).
@@ -46,13 +54,17 @@ from deploy import (
     time_group,
     training_free_methods,
 )
-from paired import paired_change
+from paired import mcnemar_p, paired_change
 from tqdm import tqdm
 
 import tokenreduce as tr
 from tokenreduce.measure.speed import environment
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "int8_export.json"
+#: --split heldout without --out writes here.
+HELDOUT_OUT = Path(__file__).parent / "results" / "int8_export_heldout.json"
+#: CIFAR-10 training images the export reads: the check images follow the calibration images.
+CHECK_IMAGES = 8
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,9 +72,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model, description, _ = build_model("classifier", parse_kwargs(args.model_kwargs))
     size = model.patch_embed.img_size
-    images, labels, folder = cifar_images("test", args.images, size, per_class_limit=FRONTIER_PER_CLASS)
+    if args.split == "frontier":
+        images, labels, folder = cifar_images("test", args.images, size, per_class_limit=FRONTIER_PER_CLASS)
+    else:  # training images the export never reads: after the calibration and check images
+        images, labels, folder = cifar_images("train", args.images, size, skip=args.calibration + CHECK_IMAGES)
     calibration, _, _ = cifar_images("train", args.calibration, size)
-    check = cifar_images("train", 8, size, skip=args.calibration)[0]
+    check = cifar_images("train", CHECK_IMAGES, size, skip=args.calibration)[0]
     settings, failed = settings_for(model, args.methods, args.level)
     base_gmacs = tr.flops(model).total_gmacs
     rows, runners = [], {}
@@ -108,7 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["speed"] = {b: {p: speed[b][f"{row['setting']} {p}"] for p in ("float32", *args.recipes)}
                         for b in speed}
     return {"command": "python benchmarks/int8_export.py " + " ".join(sys.argv[1:]), "model": description,
-            "images": len(images), "image_folder": folder, "calibration": f"the first {args.calibration} CIFAR-10 "
+            "images": len(images), "split": args.split, "image_folder": folder,
+            "calibration": f"the first {args.calibration} CIFAR-10 "
             "train images (class by class)", "mode": args.mode, "recipes": args.recipes, "level": args.level,
             "rows": rows, "failed": failed,
             "environment": {**environment(), "cpu": cpu_name(), "threads": args.threads,
@@ -120,8 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     recipes = result["recipes"]
     head = " | ".join(f"{r}: top-1 (change, McNemar p; agreement)" for r in recipes)
-    speed_head = " | ".join(f"b{b} fp32 / {' / '.join(recipes)}" for b in result["rows"][0]["speed"])
-    lines = [f"| setting | GMACs | float32 top-1 | {head} | {speed_head} |",
+    speed_head = "".join(f" b{b} fp32 / {' / '.join(recipes)} |" for b in result["rows"][0]["speed"])
+    lines = [f"| setting | GMACs | float32 top-1 | {head} |{speed_head}",
              "|---|---:|---:|" + "---:|" * (len(recipes) + len(result["rows"][0]["speed"]))]
     for row in result["rows"]:
         cells = [f"{row[r]['top1']:.1f} ({row[r]['top1_delta']:+.1f}, p {row[r]['mcnemar_p']:.2f}; "
@@ -129,13 +145,62 @@ def table(result: dict[str, Any]) -> str:
         speeds = [" / ".join(f"{row['speed'][b][p]['speedup_vs_float32_unreduced']:.2f}x"
                              for p in ("float32", *recipes)) for b in row["speed"]]
         lines.append(f"| {row['setting']} | {row['gmacs_ratio']:.0%} | {row['float32']['top1']:.1f} | "
-                     f"{' | '.join(cells)} | {' | '.join(speeds)} |")
+                     f"{' | '.join(cells)} |" + "".join(f" {cell} |" for cell in speeds))
+    return "\n".join(lines)
+
+
+def pooled(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each setting's int8 change per recipe over several runs on different images (their splits must differ):
+    ``{setting: {recipe: {"images", "fixed", "broken", "top1_delta", "top1_delta_se", "mcnemar_p"}}}``, the fixed
+    and broken images added up, the change in points of all the images, the exact McNemar p of the summed split."""
+    splits = [result.get("split", "frontier") for result in results]  # runs before --split: the frontier
+    if len(set(splits)) != len(splits):
+        raise SystemExit(f"--pooled needs runs on different images; the splits are {splits}")
+    recipes = [r for r in results[0]["recipes"] if all(r in result["recipes"] for result in results)]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in results[0]["rows"]:
+        setting = row["setting"]
+        matching = [next((other for other in result["rows"] if other["setting"] == setting), None)
+                    for result in results]
+        if None in matching:
+            continue
+        images = sum(result["images"] for result in results)
+        out[setting] = {}
+        for recipe in recipes:
+            fixed = sum(other[recipe]["fixed"] for other in matching)
+            broken = sum(other[recipe]["broken"] for other in matching)
+            out[setting][recipe] = {"images": images, "fixed": fixed, "broken": broken,
+                                    "top1_delta": 100 * (fixed - broken) / images,
+                                    "top1_delta_se": 100 * (fixed + broken) ** 0.5 / images,
+                                    "mcnemar_p": mcnemar_p(fixed, broken)}
+    return out
+
+
+def pooled_table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of :func:`pooled`: per setting and recipe, the change in each run and over all of them."""
+    summed = pooled(results)
+    recipes = list(next(iter(summed.values()), {}))
+    splits = " + ".join(f"{result.get('split', 'frontier')} ({result['images']:,})" for result in results)
+    lines = ["| setting | " + " | ".join(f"{r}: change per run | {r}: {splits}: change (fixed / broken, p)"
+                                            for r in recipes) + " |",
+             "|---|" + "---:|" * (2 * len(recipes))]
+    for setting, by_recipe in summed.items():
+        cells = []
+        for recipe, total in by_recipe.items():
+            each = [next(row for row in result["rows"] if row["setting"] == setting)[recipe]["top1_delta"]
+                    for result in results]
+            cells += [" / ".join(f"{delta:+.2f}" for delta in each),
+                      f"{total['top1_delta']:+.2f} ({total['fixed']} / {total['broken']}, p {total['mcnemar_p']:.2f})"]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="first N frontier images (2,000 = all)")
+    parser.add_argument("--images", type=int, default=2000, help="first N images of --split (frontier: 2,000 = all)")
+    parser.add_argument("--split", choices=("frontier", "heldout"), default="frontier",
+                        help="frontier: the CIFAR-10 test images of the frontier; heldout: CIFAR-10 training "
+                             "images the export does not read")
     parser.add_argument("--calibration", type=int, default=64, help="CIFAR-10 train images for the ranges")
     parser.add_argument("--recipes", default="smooth,per-tensor",
                         help=f"comma-separated int8 recipes (of {', '.join(tr.export.INT8_RECIPES)})")
@@ -144,16 +209,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated methods (default: every training-free one)")
     parser.add_argument("--level", type=float, default=0.65, help="methods at this share of the unreduced GMACs")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the accuracy runs")
-    parser.add_argument("--batch-sizes", default="1,32", help="timed batch sizes")
+    parser.add_argument("--batch-sizes", default="1,32", help='timed batch sizes ("": accuracy only)')
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timing (several calls at batch 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model-kwargs", default=None, help="tests: the classifier's architecture, random weights")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", default=None, help="default: results/int8_export.json, "
+                        "results/int8_export_heldout.json for --split heldout")
     parser.add_argument("--table", action="store_true", help="print the table of --out (no run)")
+    parser.add_argument("--pooled", nargs="+", metavar="JSON", default=None,
+                        help="print each setting's int8 change over these runs' images together (no run)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    if args.pooled:
+        print(pooled_table([json.loads(Path(path).read_text()) for path in args.pooled]))
+        return 0
+    out = Path(args.out) if args.out else HELDOUT_OUT if args.split == "heldout" else DEFAULT_OUT
     if args.table:
         print(table(json.loads(out.read_text())))
         return 0
@@ -166,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.methods) - set(training_free_methods()):
         parser.error(f"unknown --methods {sorted(set(args.methods) - set(training_free_methods()))}; valid: "
                      f"{', '.join(training_free_methods())}")
-    if args.images < 1 or args.calibration < 1 or args.rounds < 1 or min(args.batch_sizes, default=0) < 1:
+    if args.images < 1 or args.calibration < 1 or args.rounds < 1 or min(args.batch_sizes, default=1) < 1:
         parser.error("--images, --calibration, --rounds and --batch-sizes must be at least 1")
     result = run(args)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,65 @@ def test_int8_export_benchmark_at_a_tiny_size(tmp_path, capsys):
     assert script.main(["--out", str(out), "--table"]) == 0 and "| unreduced | 100% |" in capsys.readouterr().out
 
 
+def test_heldout_split_reads_training_images_the_export_does_not(tmp_path, monkeypatch, capsys):
+    """--split heldout evaluates CIFAR-10 training images after the calibration and check images; with no batch
+    sizes nothing is timed and the table has no speed columns."""
+    script = benchmark_script("int8_export.py")
+    asked = []
+    real = script.cifar_images
+
+    def spy(split, count, size, skip=0, per_class_limit=None):
+        asked.append((split, count, skip))
+        return real(split, count, size, skip=skip, per_class_limit=per_class_limit)
+
+    monkeypatch.setattr(script, "cifar_images", spy)
+    out = tmp_path / "h.json"
+    assert script.main(["--model-kwargs", "depth=2,embed_dim=32,num_heads=2,img_size=28", "--methods", "topk",
+                        "--recipes", "smooth", "--images", "5", "--calibration", "3", "--split", "heldout",
+                        "--batch-sizes", "", "--out", str(out)]) == 0
+    # evaluated: 5 images after the 3 calibration and 8 check images; then the calibration and check images.
+    assert asked == [("train", 5, 3 + script.CHECK_IMAGES), ("train", 3, 0), ("train", script.CHECK_IMAGES, 3)]
+    result = json.loads(out.read_text())
+    assert result["split"] == "heldout" and result["images"] == 5 and result["image_folder"].endswith("train")
+    assert all(row["speed"] == {} for row in result["rows"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| setting | GMACs | float32 top-1 | smooth: top-1 (change, McNemar p; agreement) |"
+    assert table[1] == "|---|---:|---:|---:|" and table[2].startswith("| unreduced | 100% |")
+    assert script.HELDOUT_OUT.name == "int8_export_heldout.json"
+
+
+def _run(split, images, counts):
+    """A stand-in result JSON: per setting (fixed, broken) of the smooth recipe."""
+    return {"split": split, "images": images, "recipes": ["smooth"],
+            "rows": [{"setting": setting, "smooth": {"fixed": fixed, "broken": broken,
+                                                      "top1_delta": 100 * (fixed - broken) / images}}
+                     for setting, (fixed, broken) in counts.items()]}
+
+
+def test_pooled_adds_up_the_fixed_and_broken_images_of_each_run(tmp_path, capsys):
+    script = benchmark_script("int8_export.py")
+    frontier = _run("frontier", 100, {"unreduced": (3, 5), "tome": (9, 1)})
+    heldout = _run("heldout", 300, {"unreduced": (4, 4), "tome": (0, 6), "ppt": (1, 1)})
+    summed = script.pooled([frontier, heldout])
+    assert list(summed) == ["unreduced", "tome"]  # a setting missing from a run is left out
+    tome = summed["tome"]["smooth"]
+    assert (tome["images"], tome["fixed"], tome["broken"]) == (400, 9, 7)
+    assert tome["top1_delta"] == pytest.approx(0.5) and tome["top1_delta_se"] == pytest.approx(1.0)
+    assert tome["mcnemar_p"] == pytest.approx(script.mcnemar_p(9, 7))
+    assert summed["unreduced"]["smooth"]["top1_delta"] == pytest.approx(-0.5)
+    paths = []
+    for name, result in (("f.json", frontier), ("h.json", heldout)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(result))
+    assert script.main(["--pooled", *map(str, paths)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == ("| setting | smooth: change per run | smooth: frontier (100) + heldout (300): change "
+                        "(fixed / broken, p) |")
+    assert table[3] == "| tome | +8.00 / -2.00 | +0.50 (9 / 7, p 0.80) |"
+    with pytest.raises(SystemExit, match="needs runs on different images"):
+        script.pooled([frontier, frontier])
+
+
 def test_unknown_recipe_or_method_is_refused(capsys):
     script = benchmark_script("int8_export.py")
     with pytest.raises(SystemExit):
