@@ -2,6 +2,8 @@
 same token counts with no reduction work (the reduction replaced by a slice), interleaved in one process.
 
     python benchmarks/batch1_bound.py --threads 2 --rounds 40 --repeats 5   # -> benchmarks/results/batch1_bound.json
+    python benchmarks/batch1_bound.py --threads 2 --rounds 40 --repeats 5 --compile
+                                                    # every model torch.compile'd -> results/batch1_bound_compiled.json
 
 The "bound" model runs every block on exactly the token counts of the method's plan, but its reduction step only
 keeps the first tokens (no statistics, no matching, no gathers): what remains of the gap to the ceiling there is
@@ -9,7 +11,9 @@ the cost of smaller matrix products and of the fixed per-op work, which no reduc
 between the method and its bound is the reduction's own cost: ``of_bound`` is the method's speed over its bound's
 (two medians over rounds), ``of_bound_paired`` the median over rounds of the same ratio within each round; with
 ``--repeats K`` the whole measurement runs K times in turn and each figure is the median of the K (each run is kept
-under ``runs``).
+under ``runs``). ``--compile [MODE]`` compiles every model, the unreduced one and the bounds too (``torch.compile``,
+default mode unless named), each compiled before it is timed (the first warm-up call compiles, timed apart):
+each method against its compiled bound.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import timm
 import torch
 from before_after import SETTINGS  # the README's settings, one list for both scripts
+from deploy import parse_kwargs
 
 import tokenreduce as tr
 from tokenreduce.core.state import TokenState
@@ -52,26 +57,49 @@ class SameTokenCounts(Method):
         return state.replace(extras={**state.extras, "tokens_in0": state.num_tokens, "depth": depth})
 
 
-def main() -> None:
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--model-kwargs", default=None, help='tests: timm.create_model keywords, e.g. "depth=2"')
+    parser.add_argument("--settings", default=None,
+                        help=f"comma-separated settings (default: all of {', '.join(SETTINGS)})")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile every model (MODE: default, reduce-overhead, max-autotune)")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="measurements in turn; rows give their medians")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch1_bound.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None,
+                        help="default: results/batch1_bound.json (results/batch1_bound_compiled.json compiled)")
+    args = parser.parse_args(argv)
+    asked = list(SETTINGS) if args.settings is None else [p.strip() for p in args.settings.split(",") if p.strip()]
+    unknown = [label for label in asked if label not in SETTINGS]
+    if unknown or not asked:
+        parser.error(f"unknown --settings {unknown}; valid: {', '.join(SETTINGS)}")
+    settings = {label: SETTINGS[label] for label in asked}
+    out = Path(args.out) if args.out else RESULTS / ("batch1_bound_compiled.json" if args.compile else
+                                                     "batch1_bound.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = timm.create_model(args.model, pretrained=False, **parse_kwargs(args.model_kwargs)).eval()
     models: dict[str, torch.nn.Module] = {"unreduced": model}
     ceilings: dict[str, float] = {}
-    for label, (method, options) in SETTINGS.items():
+    for label, (method, options) in settings.items():
         reduced = tr.patch(copy.deepcopy(model), method, **options)
         models[label] = reduced
         models[f"{label} | bound"] = tr.patch(copy.deepcopy(model), SameTokenCounts(tr.method_of(reduced)))
         ceilings[label] = tr.flops(model).total_gmacs / tr.flops(reduced).total_gmacs
+    if args.compile:
+        # The models share their forward code: dynamo compiles it once per model, more often than its default
+        # recompile limit (8), past which it would run the rest eagerly and time them as compiled.
+        config = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit_name, max(getattr(config, limit_name), 8 * len(models)))
+        models = {name: torch.compile(module, mode=args.compile) for name, module in models.items()}
     # Several measurements in turn (each one interleaved rounds of every model): on a shared VM one measurement's
     # method / bound moves by several points from one minute to the next; the row keeps each and their median.
     runs = [compare_speed(models, batch_size=1, warmup=args.warmup, rounds=args.rounds) for _ in range(args.repeats)]
@@ -98,11 +126,13 @@ def main() -> None:
               f"{middle['of_bound']:.3f}, paired per round {middle['of_bound_paired']:.3f} "
               f"(runs: {each})")
     result = {"model": args.model, "batch_size": 1, "rounds": args.rounds, "repeats": args.repeats,
-              "protocol": "one process, interleaved rounds, median images/s, inference_mode, float32, eager",
-              "environment": environment(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+              "compiled": args.compile,
+              "protocol": "one process, interleaved rounds, median images/s, inference_mode, float32, "
+                          + (f"torch.compile mode {args.compile!r}" if args.compile else "eager"),
+              "environment": environment(compiled=args.compile or False), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
