@@ -19,6 +19,7 @@ each method against its compiled bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -32,7 +33,7 @@ from deploy import parse_kwargs
 
 import tokenreduce as tr
 from tokenreduce.core.state import TokenState
-from tokenreduce.measure.speed import compare_speed, environment
+from tokenreduce.measure.speed import compare_speed, environment, recompile_room
 from tokenreduce.methods.base import Method, Plan
 
 
@@ -94,15 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         models[f"{label} | bound"] = tr.patch(copy.deepcopy(model), SameTokenCounts(tr.method_of(reduced)))
         ceilings[label] = tr.flops(model).total_gmacs / tr.flops(reduced).total_gmacs
     if args.compile:
-        # The models share their forward code: dynamo compiles it once per model, more often than its default
-        # recompile limit (8), past which it would run the rest eagerly and time them as compiled.
-        config = torch._dynamo.config
-        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit_name, max(getattr(config, limit_name), 8 * len(models)))
         models = {name: torch.compile(module, mode=args.compile) for name, module in models.items()}
     # Several measurements in turn (each one interleaved rounds of every model): on a shared VM one measurement's
     # method / bound moves by several points from one minute to the next; the row keeps each and their median.
-    runs = [compare_speed(models, batch_size=1, warmup=args.warmup, rounds=args.rounds) for _ in range(args.repeats)]
+    # Compiled: room for every model's graph (past dynamo's recompile limit, 8, the rest would run eagerly).
+    with recompile_room(len(models)) if args.compile else contextlib.nullcontext():
+        runs = [compare_speed(models, batch_size=1, warmup=args.warmup, rounds=args.rounds)
+                for _ in range(args.repeats)]
     rows: list[dict[str, Any]] = []
     for label, ceiling in ceilings.items():
         per_run = []

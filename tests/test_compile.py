@@ -81,3 +81,24 @@ def test_reduce_overhead_mode_matches_eager_and_the_reduction_has_no_graph_break
         out = compiled(images[:1])
         eager = model(images[:1])
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_method_speedups_compiles_more_models_than_the_recompile_limit():
+    """Patched models share their forward code and dynamo compiles it once per model; past its recompile limit (8)
+    it ran the rest eagerly, so ``method_speedups`` timed them eagerly as compiled. Ten different models: ten graphs
+    (nine without the room: the tenth model ran eagerly), and the limit back at its value afterwards."""
+    from tokenreduce.measure.speed import method_speedups
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, limit)
+    model = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=64).eval()
+    settings = {"unreduced": None, "topk": ("topk", {"keep_rate": 0.5, "layers": (0,)}),
+                **{f"tome r={r}": ("tome", {"r": r}) for r in range(1, 9)}}
+    rows = method_speedups(model, settings, batch_sizes=(2,), img_size=64, rounds=1, warmup=2,
+                           compile_modes=("default",))
+    assert len(rows) == 10 and {row["compile"] for row in rows} == {"default"}
+    assert compiled_graphs() == 10
+    assert getattr(config, limit) == before

@@ -7,8 +7,8 @@ CUDA events after a synchronisation (:func:`timer_for`), and peak memory is the 
 GPU and the resident-set growth of ``measure.memory`` on the CPU (:func:`peak_memory`).
 
 ``compile_mode`` times ``torch.compile(model, mode=..., dynamic=False)`` instead of the eager model: one
-graph specialised to each batch and image size, compiled afresh for each (after ``torch._dynamo.reset()``,
-so that many variants never reach dynamo's recompile limit); the first call of the warm-up, which compiles,
+graph specialised to each batch and image size, compiled afresh for each (after ``torch._dynamo.reset()``, and
+with room in dynamo's recompile limit for every variant of the group: :func:`recompile_room`); the first call of the warm-up, which compiles,
 is reported apart as ``first_call_s`` and never among the timed rounds.
 
 What recompiles when a user compiles a patched model with the defaults, ``torch.compile(model)``
@@ -33,7 +33,7 @@ import copy
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -159,6 +159,30 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> fl
     return None
 
 
+@contextlib.contextmanager
+def recompile_room(models: int) -> Iterator[None]:
+    """Room in dynamo's recompile limit for ``models`` compiled models at once, restored on exit.
+
+    Patched models share their forward code, and dynamo compiles that code once per model it runs; past
+    ``torch._dynamo.config.recompile_limit`` (8; ``cache_size_limit`` before torch 2.6) it runs the code of every
+    further model eagerly, with one warning: ten models compiled side by side would time two of them eagerly. Inside
+    this context the limit is at least 8 per model.
+
+    >>> limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    >>> with recompile_room(10):
+    ...     getattr(torch._dynamo.config, limit)
+    80
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    setattr(config, name, max(before, 8 * models))
+    try:
+        yield
+    finally:
+        setattr(config, name, before)
+
+
 def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     """``torch.compile(model, mode=mode, dynamic=False)``: a graph per input shape, as the timings use."""
     if mode not in COMPILE_MODES:
@@ -268,12 +292,13 @@ def method_speedups(
         for mode in compile_modes:
             timed = variants
             if mode is not None:
-                torch._dynamo.reset()  # fresh graphs for this shape; no variant meets the recompile limit
+                torch._dynamo.reset()  # fresh graphs for this shape
                 timed = {label: compile_model(variant, mode) for label, variant in variants.items()}
             # Compiled: two warm-up calls at least, so that a recompile on the second call of a shape (a guard on
             # a cache that the first call filled) is never timed.
-            timings = compare_speed(timed, batch_size, img_size, warmup if mode is None else max(warmup, 2), rounds,
-                                    dtype, device=device, memory=memory)
+            with contextlib.nullcontext() if mode is None else recompile_room(len(timed)):
+                timings = compare_speed(timed, batch_size, img_size, warmup if mode is None else max(warmup, 2),
+                                        rounds, dtype, device=device, memory=memory)
             base = timings[base_label].images_per_s
             for label, timing in timings.items():
                 setting = settings[label]
