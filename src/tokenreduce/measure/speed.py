@@ -7,9 +7,9 @@ CUDA events after a synchronisation (:func:`timer_for`), and peak memory is the 
 GPU and the resident-set growth of ``measure.memory`` on the CPU (:func:`peak_memory`).
 
 ``compile_mode`` times ``torch.compile(model, mode=..., dynamic=False)`` instead of the eager model: one
-graph specialised to each batch and image size, compiled afresh for each (after ``torch._dynamo.reset()``, and
-with room in dynamo's recompile limit for every variant of the group: :func:`recompile_room`); the first call of the warm-up, which compiles,
-is reported apart as ``first_call_s`` and never among the timed rounds.
+graph specialised to each batch and image size, compiled afresh for each (after ``torch._dynamo.reset()``, and with
+room in dynamo's recompile limit for every variant of the group: :func:`recompile_room`); the first call of the
+warm-up, which compiles, is reported apart as ``first_call_s`` and never among the timed rounds.
 
 What recompiles when a user compiles a patched model with the defaults, ``torch.compile(model)``
 (``dynamic=None``), counted with ``torch._dynamo.utils.counters["stats"]["unique_graphs"]`` on torch 2.14 for a
