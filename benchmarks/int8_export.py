@@ -54,7 +54,7 @@ from deploy import (
     time_group,
     training_free_methods,
 )
-from paired import mcnemar_p, paired_change
+from paired import paired_change, split_of
 from tqdm import tqdm
 
 import tokenreduce as tr
@@ -157,23 +157,24 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     if len(set(splits)) != len(splits):
         raise SystemExit(f"--pooled needs runs on different images; the splits are {splits}")
     recipes = [r for r in results[0]["recipes"] if all(r in result["recipes"] for result in results)]
+    images = sum(result["images"] for result in results)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for row in results[0]["rows"]:
-        setting = row["setting"]
-        matching = [next((other for other in result["rows"] if other["setting"] == setting), None)
-                    for result in results]
+        matching = setting_rows(results, row["setting"])
         if None in matching:
             continue
-        images = sum(result["images"] for result in results)
-        out[setting] = {}
+        out[row["setting"]] = {}
         for recipe in recipes:
             fixed = sum(other[recipe]["fixed"] for other in matching)
             broken = sum(other[recipe]["broken"] for other in matching)
-            out[setting][recipe] = {"images": images, "fixed": fixed, "broken": broken,
-                                    "top1_delta": 100 * (fixed - broken) / images,
-                                    "top1_delta_se": 100 * (fixed + broken) ** 0.5 / images,
-                                    "mcnemar_p": mcnemar_p(fixed, broken)}
+            out[row["setting"]][recipe] = {"images": images, "top1_delta": 100 * (fixed - broken) / images,
+                                           **split_of(fixed, broken, images)}
     return out
+
+
+def setting_rows(results: list[dict[str, Any]], setting: str) -> list[dict[str, Any] | None]:
+    """The row of ``setting`` in each run (None where a run has none)."""
+    return [next((row for row in result["rows"] if row["setting"] == setting), None) for result in results]
 
 
 def pooled_table(results: list[dict[str, Any]]) -> str:
@@ -187,8 +188,7 @@ def pooled_table(results: list[dict[str, Any]]) -> str:
     for setting, by_recipe in summed.items():
         cells = []
         for recipe, total in by_recipe.items():
-            each = [next(row for row in result["rows"] if row["setting"] == setting)[recipe]["top1_delta"]
-                    for result in results]
+            each = [row[recipe]["top1_delta"] for row in setting_rows(results, setting)]
             cells += [" / ".join(f"{delta:+.2f}" for delta in each),
                       f"{total['top1_delta']:+.2f} ({total['fixed']} / {total['broken']}, p {total['mcnemar_p']:.2f})"]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")

@@ -36,6 +36,15 @@ def paired_change(reference: Any, predicted: Any, labels: Any) -> dict[str, Any]
     difference of two paired proportions)."""
     reference, predicted, labels = (np.asarray(a) for a in (reference, predicted, labels))
     right, right_after = reference == labels, predicted == labels
-    fixed, broken = int((~right & right_after).sum()), int((right & ~right_after).sum())
+    return split_of(int((~right & right_after).sum()), int((right & ~right_after).sum()), len(labels))
+
+
+def split_of(fixed: int, broken: int, images: int) -> dict[str, Any]:
+    """:func:`paired_change` from the counts: ``fixed`` and ``broken`` of ``images`` images (counts of several
+    runs on different images add up).
+
+    >>> split_of(3, 1, 400)["top1_delta_se"]
+    0.5
+    """
     return {"fixed": fixed, "broken": broken, "mcnemar_p": mcnemar_p(fixed, broken),
-            "top1_delta_se": 100 * math.sqrt(fixed + broken) / len(labels)}
+            "top1_delta_se": 100 * math.sqrt(fixed + broken) / images}

@@ -95,7 +95,7 @@ def test_pooled_adds_up_the_fixed_and_broken_images_of_each_run(tmp_path, capsys
     tome = summed["tome"]["smooth"]
     assert (tome["images"], tome["fixed"], tome["broken"]) == (400, 9, 7)
     assert tome["top1_delta"] == pytest.approx(0.5) and tome["top1_delta_se"] == pytest.approx(1.0)
-    assert tome["mcnemar_p"] == pytest.approx(script.mcnemar_p(9, 7))
+    assert tome["mcnemar_p"] == pytest.approx(benchmark_script("paired.py").mcnemar_p(9, 7))
     assert summed["unreduced"]["smooth"]["top1_delta"] == pytest.approx(-0.5)
     paths = []
     for name, result in (("f.json", frontier), ("h.json", heldout)):
